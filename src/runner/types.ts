@@ -1,0 +1,90 @@
+/**
+ * The public shape of a flow run: options in, result out, progress while it runs.
+ */
+import type { Executor } from '../executor/types.ts';
+import type { TaskStateName } from '../flow/spec.ts';
+
+/** Anything that names a node of the flow: a `Ref` from the builder, or a node id. */
+export type NodeRef = { readonly node: number } | number;
+
+export interface RunOptions {
+  parameters?: Record<string, unknown>;
+  /** Default: a fresh LocalExecutor. An executor passed here is started and shut down by the run. */
+  executor?: Executor;
+  /** Tag concurrency limits for this run: at most n running tasks carry the tag. */
+  tagLimits?: Record<string, number>;
+  /** Directory for checkpointed results (templated locations are relative to it). Default `.weft/results`. */
+  resultDir?: string;
+  /** Restart: reuse the Success/Cached results of an earlier run (its checkpoints); only the rest runs. */
+  restartFrom?: FlowRunResult;
+  /** Cancels the run: running tasks are stopped, pending ones end Cancelled. */
+  signal?: AbortSignal;
+  /** Called at most every `progressIntervalMs` (default 100) and once at the end. */
+  onProgress?: (p: RunProgress) => void;
+  progressIntervalMs?: number;
+  /** Called on every task state change (costs a little per task: leave unset for speed). */
+  onTaskState?: (e: TaskStateEvent) => void;
+  /** Check the scheduler core's invariants after every transition (slow; on in tests). */
+  validate?: boolean;
+  /** Keep task results in the returned object (default true). */
+  keepResults?: boolean;
+}
+
+export interface RunProgress {
+  /** Task runs known so far (grows as mapped tasks expand). */
+  total: number;
+  /** Finished task runs (any final state). */
+  done: number;
+  running: number;
+  failed: number;
+  skipped: number;
+  /** Finished task runs per second since the start. */
+  rate: number;
+  elapsedMs: number;
+}
+
+export interface TaskStateEvent {
+  key: string;
+  mapIndex: number;
+  from: TaskStateName;
+  to: TaskStateName;
+  /** Wall-clock ms. */
+  at: number;
+}
+
+export interface TaskRunRecord {
+  /** Node key in the flow (mapped children share their parent's key). */
+  key: string;
+  /** Node id in the flow's spec. */
+  node: number;
+  /** -1 unless a mapped child. */
+  mapIndex: number;
+  state: TaskStateName;
+  attempts: number;
+  /** Wall-clock ms of the last attempt's start and end; 0 when it never ran. */
+  startMs: number;
+  endMs: number;
+  error?: { name: string; message: string; stack?: string; code?: string };
+  /** Who ran the last attempt (executor-specific). */
+  worker?: string;
+}
+
+export interface FlowRunResult {
+  readonly flowName: string;
+  readonly state: 'Success' | 'Failed' | 'Cancelled' | 'Paused';
+  readonly message: string;
+  readonly startMs: number;
+  readonly endMs: number;
+  readonly durationMs: number;
+  readonly parameters: Readonly<Record<string, unknown>>;
+  /** Every task run: one per node, plus one per mapped child. */
+  readonly tasks: readonly TaskRunRecord[];
+  /** The result of a node (for a mapped node: the list of its children's results). */
+  result<T = unknown>(ref: NodeRef | { readonly node: number; readonly __type?: T }): T;
+  /** The final state of a node (for a mapped node, the parent's state). */
+  stateOf(ref: NodeRef): TaskStateName;
+  /** The task runs of a node: the node itself, then its mapped children by index. */
+  runsOf(ref: NodeRef): readonly TaskRunRecord[];
+  /** The core's bounded log of what happened to a node (for debugging). */
+  story(ref: NodeRef, mapIndex?: number): readonly string[];
+}
