@@ -1,0 +1,60 @@
+/**
+ * Executor factory for the benchmarks: executor name → a fresh instance.
+ *
+ * A run starts and shuts down the executor it is given, so every timed run gets a new
+ * one (its start-up — threads, module imports — is part of what a user waits for and is
+ * inside the timing). The executors are imported on first use: the harness, the shapes
+ * and the baselines load without them. To add one (e.g. 'cluster'), register a factory.
+ */
+import type { Executor } from '../src/executor/types.ts';
+
+export interface ExecutorSettings {
+  /** Threads / processes / workers for executors that have several. */
+  readonly workers: number;
+}
+
+export type ExecutorFactory = (settings: ExecutorSettings) => Promise<Executor>;
+
+const FACTORIES = new Map<string, ExecutorFactory>([
+  [
+    'local',
+    async () => {
+      const { LocalExecutor } = await import('../src/executor/index.ts');
+      return new LocalExecutor();
+    },
+  ],
+  [
+    'pool',
+    async ({ workers }) => {
+      const { PoolExecutor } = await import('../src/executor/index.ts');
+      return new PoolExecutor({ threads: workers });
+    },
+  ],
+  [
+    // The pool on child processes instead of threads (not in `all`).
+    'process',
+    async ({ workers }) => {
+      const { PoolExecutor } = await import('../src/executor/index.ts');
+      return new PoolExecutor({ processes: workers });
+    },
+  ],
+]);
+
+/** Adds (or replaces) a named executor factory, e.g. `registerExecutor('cluster', ...)`. */
+export function registerExecutor(name: string, factory: ExecutorFactory): void {
+  FACTORIES.set(name, factory);
+}
+
+/** Names accepted by `--executor` (besides `all`), in registration order. */
+export function executorNames(): string[] {
+  return [...FACTORIES.keys()];
+}
+
+/** The `--executor all` set. */
+export const DEFAULT_EXECUTORS: readonly string[] = Object.freeze(['local', 'pool']);
+
+export async function createExecutor(name: string, settings: ExecutorSettings): Promise<Executor> {
+  const factory = FACTORIES.get(name);
+  if (factory === undefined) throw new RangeError(`unknown executor '${name}' (known: ${executorNames().join(', ')})`);
+  return factory(settings);
+}

@@ -1,0 +1,310 @@
+/**
+ * `weft bench`: the benchmark harness behind the CLI.
+ *
+ *   weft bench [--shape independent|chain|tree|mapreduce|all] [--n N] [--executor local|pool|all]
+ *              [--workers N] [--runs R] [--json OUT]
+ *   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor ...] [--workers N] [--json OUT]
+ *
+ * Returns the exit code: 0 all benchmarks ran, 1 a run failed (or the runner could not
+ * be loaded), 2 a usage problem. Everything heavy lives in `bench/`; this file parses
+ * flags, sequences the runs and prints.
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { runBaselines, type BaselineResult } from '../../bench/baselines.ts';
+import { DEFAULT_EXECUTORS, executorNames } from '../../bench/executors.ts';
+import {
+  benchReplay,
+  benchShape,
+  loadRunFlow,
+  measureStartup,
+  withRatios,
+  withStartup,
+  type CreateExecutorFn,
+  type HarnessDeps,
+  type ReplayResult,
+  type RunFlowFn,
+  type ShapeResult,
+} from '../../bench/harness.ts';
+import { defaultWorkflowDir, DEFAULT_SCALING, parseDurationS, workflowFiles, type Scaling } from '../../bench/replay.ts';
+import {
+  baselineTable,
+  benchJson,
+  environment,
+  referenceUsPerTask,
+  replayJson,
+  replayTable,
+  shapeTable,
+} from '../../bench/report.ts';
+import { buildShape, DEFAULT_N, DEFAULT_SUITE, isShapeName, SHAPES, type BuiltShape, type Payload, type ShapeName } from '../../bench/shapes.ts';
+import { parseCount } from '../../bench/stats.ts';
+import { formatFlags, parseArgs, UsageError, type FlagSpec } from './args.ts';
+
+export interface BenchIO {
+  stdout: { write(s: string): unknown };
+  stderr: { write(s: string): unknown };
+  cwd: string;
+  /** Defaults to the runner's `runFlow` (loaded on first use). */
+  runFlow?: RunFlowFn;
+  /** Defaults to `bench/executors.ts`. */
+  createExecutor?: CreateExecutorFn;
+}
+
+const EXIT_OK = 0;
+const EXIT_FAILED = 1;
+const EXIT_USAGE = 2;
+
+const DEFAULT_WORKERS = 2;
+const DEFAULT_RUNS = 5;
+/** Baselines run at least this many tasks, so their medians are not all timer noise. */
+const MIN_BASELINE_N = 10_000;
+
+function flags(): FlagSpec[] {
+  return [
+    { name: 'shape', short: 's', kind: 'string', choices: [...SHAPES, 'all'], help: 'graph shape (default: all)' },
+    { name: 'n', short: 'n', kind: 'string', value: 'N', help: 'size: tasks, chain length or leaves; 10k and 1M work (default per shape)' },
+    { name: 'executor', short: 'e', kind: 'string', choices: [...executorNames(), 'all'], help: `executor (default: all = ${DEFAULT_EXECUTORS.join(', ')})` },
+    { name: 'workers', short: 'w', kind: 'count', value: 'N', help: `threads for pool and for the threaded baselines (default ${DEFAULT_WORKERS})` },
+    { name: 'runs', short: 'r', kind: 'count', value: 'R', help: `timed runs per measurement, after one warm-up; the median is reported (default ${DEFAULT_RUNS})` },
+    { name: 'json', kind: 'string', value: 'OUT', help: 'also write the results as JSON to the file OUT' },
+    { name: 'payload', kind: 'string', choices: ['none', 'kib'], help: 'leaf results: none (null / 1, default) or a 1 KiB string each' },
+    { name: 'baseline-n', kind: 'string', value: 'N', help: `tasks per baseline run (default: the largest graph, at least ${MIN_BASELINE_N})` },
+    { name: 'baselines-only', kind: 'boolean', help: 'measure the baselines only (no weft runs)' },
+    { name: 'graph', short: 'g', kind: 'string', value: 'FILE', help: "replay a workflow trace: a file, a name in ../shared/workflows, or 'all'" },
+    { name: 'total-work', kind: 'string', value: 'DURATION', help: 'replay: scale runtimes so the total work is this long (default 2s)' },
+    { name: 'scale', kind: 'string', value: 'X', help: 'replay: multiply recorded runtimes by X instead' },
+    { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
+  ];
+}
+
+function usage(): string {
+  return `Usage:
+  weft bench [--shape S|all] [--n N] [--executor E|all] [--workers N] [--runs R] [--json OUT]
+  weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor E|all] [--workers N] [--json OUT]
+
+Shapes (each node explicit, no mapping):
+  independent  n no-op tasks                    chain      n no-op tasks, each on the previous
+  tree         binary reduction, n leaves       mapreduce  n leaves -> 100 partial sums -> 1 sum
+  all          independent 10k and 100k, chain 10k, tree 16384 leaves, mapreduce 10k leaves
+
+Every shape run is preceded by the baselines (plain loop, raw piscina, raw postMessage
+batched and unbatched), measured in the same process; µs/task is divided by the batched
+postMessage figure (the transport's limit). Times are wall clock around runFlow, with a
+fresh executor per run (start-up included); medians of R runs after one warm-up.
+
+Replay runs each trace task as a busy spin of its recorded runtime x scale and compares
+the makespan with max(critical path, total work / workers), both scaled.
+
+Options:
+${formatFlags(flags())}
+
+Examples:
+  weft bench
+  weft bench --shape tree --n 65536 --executor pool --workers 2 --json bench/results/tree.json
+  weft bench --graph all --total-work 2s --executor pool`;
+}
+
+function stringFlag(f: Readonly<Record<string, unknown>>, name: string): string | undefined {
+  const v = f[name];
+  return typeof v === 'string' ? v : undefined;
+}
+
+function numberFlag(f: Readonly<Record<string, unknown>>, name: string): number | undefined {
+  const v = f[name];
+  return typeof v === 'number' ? v : undefined;
+}
+
+function asUsage<T>(flag: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    if (err instanceof RangeError) throw new UsageError(`--${flag}: ${err.message}`);
+    throw err;
+  }
+}
+
+async function writeJson(io: BenchIO, out: string, doc: unknown): Promise<string> {
+  const path = resolve(io.cwd, out);
+  await mkdir(dirname(path), { recursive: true });
+  await writeFile(path, `${JSON.stringify(doc, null, 2)}\n`);
+  return path;
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+}
+
+function processIO(): BenchIO {
+  return { stdout: process.stdout, stderr: process.stderr, cwd: process.cwd() };
+}
+
+export async function benchCommand(argv: string[], io: BenchIO = processIO()): Promise<number> {
+  let f: Readonly<Record<string, unknown>>;
+  try {
+    const parsed = parseArgs(argv, flags());
+    if (parsed.positionals.length > 0) throw new UsageError(`unexpected argument '${parsed.positionals[0]}'`);
+    f = parsed.flags;
+  } catch (err) {
+    if (err instanceof UsageError) {
+      io.stderr.write(`weft bench: ${err.message}\nRun 'weft bench --help' for the options.\n`);
+      return EXIT_USAGE;
+    }
+    throw err;
+  }
+  if (f.help === true) {
+    io.stdout.write(`${usage()}\n`);
+    return EXIT_OK;
+  }
+  try {
+    return stringFlag(f, 'graph') !== undefined ? await replayMode(f, io) : await shapeMode(f, io);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      io.stderr.write(`weft bench: ${err.message}\n`);
+      return EXIT_USAGE;
+    }
+    io.stderr.write(`weft bench: ${errorText(err)}\n`);
+    return EXIT_FAILED;
+  }
+}
+
+function selectedExecutors(f: Readonly<Record<string, unknown>>): string[] {
+  const e = stringFlag(f, 'executor') ?? 'all';
+  return e === 'all' ? [...DEFAULT_EXECUTORS] : [e];
+}
+
+async function harnessDeps(io: BenchIO): Promise<HarnessDeps> {
+  const log = (line: string): void => {
+    io.stderr.write(`${line}\n`);
+  };
+  const runFlow = io.runFlow ?? (await loadRunFlow());
+  return { runFlow, log, ...(io.createExecutor === undefined ? {} : { createExecutor: io.createExecutor }) };
+}
+
+async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
+  for (const replayOnly of ['total-work', 'scale']) {
+    if (f[replayOnly] !== undefined) throw new UsageError(`--${replayOnly} applies to --graph only`);
+  }
+  const shapeFlag = stringFlag(f, 'shape') ?? 'all';
+  const nRaw = stringFlag(f, 'n');
+  const n = nRaw === undefined ? undefined : asUsage('n', () => parseCount(nRaw));
+  const workers = numberFlag(f, 'workers') ?? DEFAULT_WORKERS;
+  const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
+  const payload = (stringFlag(f, 'payload') ?? 'none') as Payload;
+  const executors = selectedExecutors(f);
+
+  let cases: { shape: ShapeName; n: number }[];
+  if (shapeFlag === 'all') cases = n === undefined ? [...DEFAULT_SUITE] : SHAPES.map((shape) => ({ shape, n }));
+  else if (isShapeName(shapeFlag)) cases = [{ shape: shapeFlag, n: n ?? DEFAULT_N[shapeFlag] }];
+  else throw new UsageError(`unknown shape '${shapeFlag}'`);
+
+  const built: BuiltShape[] = [];
+  for (const c of cases) {
+    const t0 = performance.now();
+    built.push(buildShape(c.shape, c.n, { payload }));
+    io.stderr.write(`built ${c.shape} n=${c.n} (${built[built.length - 1]!.tasks} tasks) in ${(performance.now() - t0).toFixed(0)} ms\n`);
+  }
+
+  const bnRaw = stringFlag(f, 'baseline-n');
+  const baselineN =
+    bnRaw === undefined ? Math.max(MIN_BASELINE_N, ...built.map((b) => b.tasks)) : asUsage('baseline-n', () => parseCount(bnRaw));
+  io.stderr.write(`measuring baselines (n=${baselineN}, ${workers} threads, 1 warm-up + ${runs} runs)\n`);
+  const baselines: BaselineResult[] = await runBaselines({ n: baselineN, workers, runs });
+  io.stdout.write(`\nBaselines\n${baselineTable(baselines)}\n`);
+
+  const results: ShapeResult[] = [];
+  const startup = new Map<string, number>();
+  let failed = false;
+  const finish = async (): Promise<number> => {
+    withRatios(results, referenceUsPerTask(baselines));
+    withStartup(results, startup);
+    if (results.length > 0) io.stdout.write(`\nweft (median of ${runs} runs)\n${shapeTable(results, baselines)}\n`);
+    const out = stringFlag(f, 'json');
+    if (out !== undefined) {
+      const path = await writeJson(io, out, benchJson(results, baselines, { environment: environment(), runs }));
+      io.stderr.write(`wrote ${path}\n`);
+    }
+    return failed ? EXIT_FAILED : EXIT_OK;
+  };
+  if (f['baselines-only'] === true) return finish();
+
+  let deps: HarnessDeps;
+  try {
+    deps = await harnessDeps(io);
+  } catch (err) {
+    io.stderr.write(`weft bench: cannot load the runner: ${errorText(err)}\n`);
+    failed = true;
+    return finish();
+  }
+  for (const e of executors) {
+    try {
+      const s = await measureStartup(e, { workers }, runs, deps);
+      startup.set(e, s);
+      io.stderr.write(`start-up + shutdown of ${e}: ${(s * 1000).toFixed(1)} ms (median of ${runs} one-task runs)\n`);
+    } catch (err) {
+      failed = true;
+      io.stderr.write(`weft bench: one-task run on ${e} failed: ${errorText(err)}\n`);
+    }
+  }
+  for (const b of built) {
+    for (const e of executors) {
+      try {
+        results.push(await benchShape(b, e, { workers }, runs, deps));
+      } catch (err) {
+        failed = true;
+        io.stderr.write(`weft bench: ${b.shape} n=${b.n} on ${e} failed: ${errorText(err)}\n`);
+      }
+    }
+  }
+  return finish();
+}
+
+function replayFiles(graph: string, cwd: string): string[] {
+  if (graph === 'all') return workflowFiles(defaultWorkflowDir());
+  const direct = resolve(cwd, graph);
+  if (existsSync(direct)) return [direct];
+  const named = join(defaultWorkflowDir(), graph.endsWith('.json') ? graph : `${graph}.json`);
+  if (existsSync(named)) return [named];
+  throw new UsageError(`--graph: no file '${graph}' (nor '${named}')`);
+}
+
+async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
+  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only']) {
+    if (f[shapeOnly] !== undefined) throw new UsageError(`--${shapeOnly} does not apply to --graph`);
+  }
+  const tw = stringFlag(f, 'total-work');
+  const sc = stringFlag(f, 'scale');
+  if (tw !== undefined && sc !== undefined) throw new UsageError('give --total-work or --scale, not both');
+  let scaling: Scaling = DEFAULT_SCALING;
+  if (tw !== undefined) scaling = { totalWorkS: asUsage('total-work', () => parseDurationS(tw)) };
+  if (sc !== undefined) {
+    const x = Number(sc);
+    if (!(x > 0) || !Number.isFinite(x)) throw new UsageError(`--scale must be a positive number, got '${sc}'`);
+    scaling = { scale: x };
+  }
+  const files = replayFiles(stringFlag(f, 'graph')!, io.cwd);
+  const workers = numberFlag(f, 'workers') ?? DEFAULT_WORKERS;
+  const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
+  const executors = selectedExecutors(f);
+  const deps = await harnessDeps(io);
+
+  const results: ReplayResult[] = [];
+  let failed = false;
+  for (const file of files) {
+    for (const e of executors) {
+      try {
+        results.push(await benchReplay(file, e, { workers }, scaling, runs, deps));
+      } catch (err) {
+        failed = true;
+        io.stderr.write(`weft bench: replay of ${file} on ${e} failed: ${errorText(err)}\n`);
+      }
+    }
+  }
+  if (results.length > 0) io.stdout.write(`\nReplay (median of ${runs} runs; ratio = makespan / lower bound)\n${replayTable(results)}\n`);
+  const out = stringFlag(f, 'json');
+  if (out !== undefined) {
+    const path = await writeJson(io, out, replayJson(results));
+    io.stderr.write(`wrote ${path}\n`);
+  }
+  return failed ? EXIT_FAILED : EXIT_OK;
+}

@@ -1,0 +1,305 @@
+/**
+ * The weft command: `weft run`, `weft bench`, `weft help`, `weft --version`.
+ *
+ * `main(argv)` returns the exit code instead of exiting, so `bin/weft.js` lets the event
+ * loop drain (worker threads shut down, files flushed) and tests can call it in-process.
+ * Exit codes: 0 the flow succeeded (or help/version), 1 the flow ended in any other
+ * state, 2 a usage or loading problem (bad flag, unknown parameter, file that does not
+ * load or exports no flow), 130 a second Ctrl-C.
+ */
+import { readFileSync } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname, relative, resolve } from 'node:path';
+import type { Executor } from '../executor/types.ts';
+import type { NodeSpec } from '../flow/spec.ts';
+import type { FlowRunResult, RunOptions } from '../runner/types.ts';
+import { formatFlags, parseArgs, parseParams, UsageError, type FlagSpec } from './args.ts';
+import { describe, LoadError, loadFlow, parameterNodes, type RunnableFlow } from './load.ts';
+import { ProgressReporter, type ProgressSink } from './progress.ts';
+import { renderFinalLine, renderOutputs, renderSummary, toRunJson } from './summary.ts';
+
+/** Where the CLI writes; `process` by default, fakes in tests. */
+export interface CliIO {
+  stdout: ProgressSink;
+  stderr: ProgressSink;
+  cwd: string;
+  /**
+   * After a run, exit the process this long after `main` returns if something still keeps
+   * it alive (set for the real process only, never in tests that call `main` in-process).
+   */
+  exitGraceMs?: number;
+}
+
+const EXIT_OK = 0;
+const EXIT_FLOW_FAILED = 1;
+const EXIT_USAGE = 2;
+const EXIT_INTERRUPTED = 130;
+
+const USAGE = `weft — run DAGs of TypeScript tasks (Prefect 1 flows, Dask-style scheduling)
+
+Usage:
+  weft run <flow file> [options]   run a flow, show its progress and a summary
+  weft bench [options]             run the benchmarks
+  weft help [command]              show help for a command
+  weft --version                   print the version
+
+Run 'weft help run' for the options of run.`;
+
+const RUN_FLAGS: readonly FlagSpec[] = [
+  { name: 'param', short: 'p', kind: 'list', value: 'NAME=VALUE', help: 'set a flow parameter (repeatable); VALUE is parsed as JSON when it parses, else taken as a string' },
+  { name: 'executor', short: 'e', kind: 'string', choices: ['local', 'pool'], help: 'where tasks run: in this thread (local, default) or on a pool of worker threads' },
+  { name: 'threads', short: 't', kind: 'count', value: 'N', help: 'worker threads for --executor pool (implies it; default: one per core)' },
+  { name: 'json', kind: 'string', value: 'OUT', help: 'write {state, durationMs, tasks} as JSON to the file OUT' },
+  { name: 'flow', short: 'f', kind: 'string', value: 'NAME', help: 'which flow to run when the file exports several (export or flow name)' },
+  { name: 'quiet', short: 'q', kind: 'boolean', help: 'no progress and no table: print only the final line' },
+  { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
+];
+
+const RUN_USAGE = `Usage: weft run <flow file> [options]
+
+Loads the file (TypeScript or JavaScript), finds the flow it exports (the default export,
+else the only exported flow) and runs it. Progress goes to stderr, the summary to stdout.
+Exit code: 0 when the flow ends Success, 1 when it ends in any other state, 2 when the
+file does not load or the arguments are wrong. Ctrl-C cancels the run; a second Ctrl-C
+exits at once.
+
+Options:
+${formatFlags(RUN_FLAGS)}
+
+Examples:
+  weft run examples/etl.ts
+  weft run examples/etl.ts --param records=5000 --param dryRun=true
+  weft run flows.ts --flow nightly --executor pool --threads 4 --json run.json`;
+
+export async function main(argv: string[], io: CliIO = processIO()): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case undefined:
+        io.stderr.write(`${USAGE}\n`);
+        return EXIT_USAGE;
+      case '--help':
+      case '-h':
+        io.stdout.write(`${USAGE}\n`);
+        return EXIT_OK;
+      case 'help':
+        return await helpCommand(rest, io);
+      case '--version':
+      case '-v':
+      case 'version':
+        if (rest.length > 0) throw new UsageError(`${command} takes no arguments`);
+        io.stdout.write(`weft ${version()}\n`);
+        return EXIT_OK;
+      case 'run':
+        return await runCommand(rest, io);
+      case 'bench':
+        return await benchCommand(rest);
+      default:
+        io.stderr.write(
+          `weft: ${command.startsWith('-') ? `unknown flag ${command}` : `unknown command '${command}'`}\n\n${USAGE}\n`,
+        );
+        return EXIT_USAGE;
+    }
+  } catch (err) {
+    if (err instanceof UsageError) {
+      const cmd = command === 'run' ? 'weft run' : 'weft';
+      io.stderr.write(`${cmd}: ${err.message} (see 'weft help${command === 'run' ? ' run' : ''}')\n`);
+      return EXIT_USAGE;
+    }
+    throw err;
+  }
+}
+
+async function helpCommand(args: readonly string[], io: CliIO): Promise<number> {
+  const [topic, ...extra] = args;
+  if (extra.length > 0) throw new UsageError(`help takes one command, got ${args.join(' ')}`);
+  switch (topic) {
+    case undefined:
+      io.stdout.write(`${USAGE}\n`);
+      return EXIT_OK;
+    case 'run':
+      io.stdout.write(`${RUN_USAGE}\n`);
+      return EXIT_OK;
+    case 'bench':
+      return benchCommand(['--help']);
+    default:
+      io.stderr.write(`weft: no help for unknown command '${topic}'\n\n${USAGE}\n`);
+      return EXIT_USAGE;
+  }
+}
+
+async function benchCommand(args: string[]): Promise<number> {
+  // Loaded on demand: the bench harness pulls in benchmark code `weft run` never needs.
+  const bench = await import('./bench.ts');
+  return bench.benchCommand(args);
+}
+
+// ---------------------------------------------------------------------------------
+// weft run
+
+async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
+  const { flags, positionals } = parseArgs(args, RUN_FLAGS);
+  if (flags.help === true) {
+    io.stdout.write(`${RUN_USAGE}\n`);
+    return EXIT_OK;
+  }
+  const [file, ...extra] = positionals;
+  if (file === undefined) throw new UsageError('missing the flow file');
+  if (extra.length > 0) throw new UsageError(`expected one flow file, also got '${extra.join(' ')}'`);
+
+  const threads = typeof flags.threads === 'number' ? flags.threads : undefined;
+  const executorKind = typeof flags.executor === 'string' ? flags.executor : threads !== undefined ? 'pool' : undefined;
+  if (threads !== undefined && executorKind !== 'pool') throw new UsageError('--threads applies to --executor pool only');
+  const given = parseParams(Array.isArray(flags.param) ? flags.param : []);
+  const quiet = flags.quiet === true;
+  const jsonOut = typeof flags.json === 'string' ? resolve(io.cwd, flags.json) : undefined;
+
+  let flow: RunnableFlow;
+  let paramNodes: NodeSpec[];
+  try {
+    const loaded = await loadFlow(file, { cwd: io.cwd, ...(typeof flags.flow === 'string' ? { flowName: flags.flow } : {}) });
+    flow = loaded.flow;
+    paramNodes = parameterNodes(flow.spec());
+  } catch (err) {
+    const msg = err instanceof LoadError ? err.message : `cannot load ${file}: invalid flow: ${describe(err)}`;
+    io.stderr.write(`weft: ${msg}\n`);
+    return EXIT_USAGE;
+  }
+
+  const paramError = checkParameters(flow.name, paramNodes, given);
+  if (paramError !== null) {
+    io.stderr.write(`weft run: ${paramError}\n`);
+    return EXIT_USAGE;
+  }
+
+  let executor: Executor | undefined;
+  if (executorKind !== undefined) {
+    try {
+      executor = await makeExecutor(executorKind, threads);
+    } catch (err) {
+      io.stderr.write(`weft: cannot create the ${executorKind} executor: ${describe(err)}\n`);
+      return EXIT_FLOW_FAILED;
+    }
+  }
+
+  const reporter = quiet ? null : new ProgressReporter(io.stderr);
+  const controller = new AbortController();
+  let interrupts = 0;
+  const onSigint = (): void => {
+    interrupts++;
+    if (interrupts === 1) {
+      const line = 'weft: interrupted: cancelling the run (Ctrl-C again to exit now)';
+      if (reporter !== null) reporter.log(line);
+      else io.stderr.write(`${line}\n`);
+      controller.abort();
+      return;
+    }
+    reporter?.finish();
+    io.stderr.write('weft: interrupted twice: exiting now\n');
+    process.exit(EXIT_INTERRUPTED);
+  };
+  // Installed before the start line: a Ctrl-C from then on cancels rather than kills.
+  process.on('SIGINT', onSigint);
+  const where = relative(io.cwd, resolve(io.cwd, file)) || file;
+  reporter?.start(`weft: running flow '${flow.name}' from ${where} (executor: ${executorKind ?? 'local'}${threads !== undefined ? `, ${threads} threads` : ''})`);
+
+  const opts: RunOptions = { parameters: given, signal: controller.signal };
+  if (executor !== undefined) opts.executor = executor;
+  if (reporter !== null) opts.onProgress = (p) => reporter.update(p);
+
+  let result: FlowRunResult;
+  try {
+    result = await flow.run(opts);
+  } catch (err) {
+    reporter?.finish();
+    io.stderr.write(`weft: flow '${flow.name}' could not run: ${describe(err)}\n`);
+    // Raised before any task ran: the flow file is at fault, like a load error.
+    const name = err instanceof Error ? err.name : '';
+    return name === 'FlowValidationError' || name === 'TaskResolutionError' ? EXIT_USAGE : EXIT_FLOW_FAILED;
+  } finally {
+    process.off('SIGINT', onSigint);
+  }
+  reporter?.finish();
+
+  if (jsonOut !== undefined) {
+    try {
+      await mkdir(dirname(jsonOut), { recursive: true });
+      await writeFile(jsonOut, `${JSON.stringify(toRunJson(result), null, 2)}\n`);
+    } catch (err) {
+      io.stderr.write(`weft: cannot write --json ${flags.json as string}: ${describe(err)}\n`);
+      return EXIT_USAGE;
+    }
+  }
+
+  if (quiet) {
+    io.stdout.write(`${renderFinalLine(result)}\n`);
+  } else {
+    const exclude = new Set(paramNodes.map((n) => n.key));
+    io.stdout.write(`\n${renderSummary(result, exclude, renderOutputs(flow.outputs, result))}\n`);
+  }
+  const code = result.state === 'Success' ? EXIT_OK : EXIT_FLOW_FAILED;
+  if (io.exitGraceMs !== undefined) armExit(code, result.state, io);
+  return code;
+}
+
+/**
+ * The run is over but the process may not be: an in-process task that was cancelled or
+ * timed out cannot be stopped (its timers and sockets live on), and user code may leave
+ * handles open. The timer is unref'd, so it fires only when something else keeps the
+ * process alive; then it exits with the run's code instead of hanging.
+ */
+function armExit(code: number, state: FlowRunResult['state'], io: CliIO): void {
+  setTimeout(() => {
+    // After a cancel this is expected; otherwise say why the exit was forced.
+    if (state !== 'Cancelled') io.stderr.write('weft: exiting although task code left work pending in this process (open handles or timers)\n');
+    process.exit(code);
+  }, io.exitGraceMs).unref();
+}
+
+/**
+ * Unknown names, missing required parameters and values of the wrong declared type are
+ * usage errors, caught here with a clear line rather than as a failed run.
+ */
+export function checkParameters(flowName: string, nodes: readonly NodeSpec[], given: Readonly<Record<string, unknown>>): string | null {
+  const byName = new Map<string, NonNullable<NodeSpec['parameter']>>();
+  for (const n of nodes) if (n.parameter !== undefined) byName.set(n.parameter.name, n.parameter);
+  const known = [...byName.keys()];
+  for (const name of Object.keys(given)) {
+    const p = byName.get(name);
+    if (p === undefined) {
+      return `unknown parameter '${name}' for flow '${flowName}' (${known.length === 0 ? 'it takes no parameters' : `its parameters: ${known.join(', ')}`})`;
+    }
+    const value = given[name];
+    if (p.type !== undefined && typeOf(value) !== p.type) {
+      return `parameter '${name}' of flow '${flowName}' expects ${p.type === 'array' || p.type === 'object' ? 'an' : 'a'} ${p.type}, got ${JSON.stringify(value)}`;
+    }
+  }
+  for (const [name, p] of byName) {
+    if (p.required && !Object.prototype.hasOwnProperty.call(given, name)) {
+      return `flow '${flowName}' needs parameter '${name}': give it with --param ${name}=VALUE`;
+    }
+  }
+  return null;
+}
+
+function typeOf(v: unknown): string {
+  if (Array.isArray(v)) return 'array';
+  if (v === null) return 'null';
+  return typeof v;
+}
+
+async function makeExecutor(kind: string, threads: number | undefined): Promise<Executor> {
+  // Loaded on demand: a plain `weft run` (default executor) does not start the pool code.
+  const { LocalExecutor, PoolExecutor } = await import('../executor/index.ts');
+  if (kind === 'pool') return new PoolExecutor(threads !== undefined ? { threads } : {});
+  return new LocalExecutor();
+}
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: unknown };
+  return typeof pkg.version === 'string' ? pkg.version : 'unknown';
+}
+
+function processIO(): CliIO {
+  return { stdout: process.stdout, stderr: process.stderr, cwd: process.cwd(), exitGraceMs: 1000 };
+}

@@ -1,0 +1,10 @@
+/**
+ * Executors: how the tasks of one flow run execute.
+ *
+ * - `LocalExecutor`: in this thread, one call after another (debugging, tiny tasks).
+ * - `PoolExecutor`: a local pool of worker threads (piscina) or child processes, calls
+ *   moved in adaptive batches.
+ */
+export type { Executor, ExecutorSession, Outcome, OutcomeStatus, TaskCall } from './types.ts';
+export { LocalExecutor, type LocalExecutorOptions } from './local.ts';
+export { PoolExecutor, type PoolOptions } from './pool.ts';

@@ -1,0 +1,40 @@
+/**
+ * Finding task functions by key, shared by every executor that runs tasks in a thread
+ * it controls (LocalExecutor in-process, PoolExecutor's workers): import the run's
+ * modules (their top-level `task()` calls register the tasks), then resolve each key.
+ */
+import { getTask } from '../flow/registry.ts';
+import { TaskResolutionError } from '../errors.ts';
+
+export type TaskFn = (...args: any[]) => unknown;
+
+/** The name part of a task key `<module url>#<name>`. */
+export function taskNameOf(key: string): string {
+  const i = key.lastIndexOf('#');
+  return i < 0 ? key : key.slice(i + 1);
+}
+
+/** Import the run's modules, then resolve every task key (in order). Throws TaskResolutionError. */
+export async function loadTasks(modules: readonly string[], taskKeys: readonly string[], where = 'a worker'): Promise<TaskFn[]> {
+  for (const url of modules) {
+    try {
+      await import(url);
+    } catch (err) {
+      const cause = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+      throw new TaskResolutionError(`module ${url} could not be imported in ${where}: ${cause}`);
+    }
+  }
+  return taskKeys.map((k) => resolveTask(k, where));
+}
+
+export function resolveTask(key: string, where = 'a worker'): TaskFn {
+  const fn = getTask(key)?.fn;
+  if (fn === undefined) {
+    throw new TaskResolutionError(
+      `task "${taskNameOf(key)}" (${key}) cannot be found in ${where}: it is defined inside a function or its module did not register it`,
+      key,
+    );
+  }
+  return fn;
+}
+

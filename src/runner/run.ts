@@ -1,0 +1,692 @@
+/**
+ * The runner: the thin shell around the scheduler core for one flow run.
+ *
+ * It carries out the core's instructions with an executor and timers and feeds what
+ * happens back in as events: ready tasks become batches of calls, batches of outcomes
+ * become success/failure events, retry delays become timers, cancellation stops running
+ * calls. Parameters and the built-in inline nodes (case/merge comparisons) never go to
+ * the executor: the runner settles them on the spot.
+ */
+import { randomUUID } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
+import { FlowValidationError, TaskResolutionError, type SerializedError } from '../errors.ts';
+import type { Executor, Outcome, TaskCall } from '../executor/types.ts';
+import { LocalExecutor } from '../executor/local.ts';
+import type { GraphSpec, NodeSpec, TaskStateName } from '../flow/spec.ts';
+import { getTask } from '../flow/registry.ts';
+import { SchedulerCore, type FailureKind, type Instruction, type RunState } from '../scheduler/core.ts';
+import * as S from '../scheduler/states.ts';
+import {
+  cacheKeyOf,
+  cacheLookup,
+  cacheStore,
+  DEFAULT_LOCATION,
+  readResult,
+  renderLocation,
+  resolvePath,
+  wantsCheckpoint,
+  writeResult,
+} from './results.ts';
+import type { FlowRunResult, NodeRef, RunOptions, RunProgress, TaskRunRecord } from './types.ts';
+
+const now = (): number => performance.timeOrigin + performance.now();
+
+/** Run a flow's graph spec to completion. Rejects only for problems found before any task runs. */
+export async function runFlow(spec: GraphSpec, opts: RunOptions = {}): Promise<FlowRunResult> {
+  const parameters = resolveParameters(spec, opts);
+  const executor = opts.executor ?? new LocalExecutor();
+  checkResolvable(spec, executor);
+  const run = new FlowRun(spec, opts, parameters, executor);
+  return run.execute();
+}
+
+/** Required parameters present, types right, no unknown names: before any task runs. */
+export function resolveParameters(spec: GraphSpec, opts: RunOptions): Record<string, unknown> {
+  const given = { ...(opts.restartFrom?.parameters ?? {}), ...(opts.parameters ?? {}) };
+  const out: Record<string, unknown> = {};
+  const known = new Set<string>();
+  for (const n of spec.nodes) {
+    const p = n.parameter;
+    if (n.kind !== 'parameter' || p === undefined) continue;
+    known.add(p.name);
+    if (p.name in given) out[p.name] = given[p.name];
+    else if (p.required) throw new FlowValidationError(`flow "${spec.name}": required parameter "${p.name}" was not given`, p.name);
+    else out[p.name] = p.default;
+    if (p.type !== undefined && out[p.name] !== undefined && !hasType(out[p.name], p.type)) {
+      throw new FlowValidationError(
+        `flow "${spec.name}": parameter "${p.name}" must be of type ${p.type}, got ${describeType(out[p.name])} (${preview(out[p.name])})`,
+        p.name,
+      );
+    }
+  }
+  for (const name of Object.keys(opts.parameters ?? {})) {
+    if (!known.has(name)) {
+      throw new FlowValidationError(
+        `flow "${spec.name}" has no parameter "${name}"${known.size > 0 ? ` (it has: ${[...known].join(', ')})` : ''}`,
+        name,
+      );
+    }
+  }
+  return out;
+}
+
+function hasType(v: unknown, t: NonNullable<NodeSpec['parameter']>['type']): boolean {
+  switch (t) {
+    case 'array':
+      return Array.isArray(v);
+    case 'object':
+      return typeof v === 'object' && v !== null && !Array.isArray(v);
+    default:
+      return typeof v === t;
+  }
+}
+
+const describeType = (v: unknown): string => (v === null ? 'null' : Array.isArray(v) ? 'array' : typeof v);
+const preview = (v: unknown): string => {
+  try {
+    const s = JSON.stringify(v);
+    return s.length > 40 ? `${s.slice(0, 37)}...` : s;
+  } catch {
+    return String(v);
+  }
+};
+
+/** A task defined in a closure cannot be found by a worker thread or process: say so before running. */
+function checkResolvable(spec: GraphSpec, executor: Executor): void {
+  for (const n of spec.nodes) {
+    if (n.kind !== 'task') continue;
+    const def = getTask(n.taskKey);
+    if (def === undefined) {
+      throw new TaskResolutionError(`task "${n.key}" (${n.taskKey}) is not registered in this process`, n.key);
+    }
+    if (def.closure && executor.kind !== 'local') {
+      throw new TaskResolutionError(
+        `task "${n.key}" is defined inside a function (a closure), so a ${executor.kind} worker cannot import it; define it at the top level of its module`,
+        n.key,
+      );
+    }
+  }
+}
+
+class FlowRun {
+  private readonly core: SchedulerCore;
+  private readonly nodes: readonly NodeSpec[];
+  private results: unknown[] = [];
+  private startMs: Float64Array;
+  private endMs: Float64Array;
+  private readonly errors = new Map<number, SerializedError & { code?: string }>();
+  private readonly workers = new Map<number, string>();
+  private readonly loopValues = new Map<number, unknown>();
+  /** For mapped parents: their children's results as a list, once they all finished. */
+  private readonly lists = new Map<number, unknown[]>();
+  private readonly flattened = new Map<number, unknown[]>();
+  private readonly timers = new Set<NodeJS.Timeout>();
+  private readonly out: Int32Array;
+  private readonly runUuid = randomUUID();
+  private readonly resultDir: string;
+  private readonly restart: Map<string, unknown> | null;
+  private readonly hasHandlers: boolean;
+  private readonly t0 = now();
+  private pumping = false;
+  private pumpAgain = false;
+  private done: { state: RunState; message: string } | null = null;
+  private resolveDone!: () => void;
+  private failure: unknown = null;
+
+  constructor(
+    private readonly spec: GraphSpec,
+    private readonly opts: RunOptions,
+    private readonly parameters: Record<string, unknown>,
+    private readonly executor: Executor,
+  ) {
+    this.nodes = spec.nodes;
+    this.hasHandlers = spec.nodes.some((n) => n.options.stateHandlers.length > 0 || n.options.onFailure !== null);
+    const onTransition = this.hasHandlers || opts.onTaskState !== undefined ? this.onTransition.bind(this) : undefined;
+    this.core = new SchedulerCore(spec, {
+      validate: opts.validate ?? false,
+      tagLimits: opts.tagLimits ?? {},
+      inputLength: (id, arg) => this.inputLength(id, arg),
+      ...(onTransition ? { onTransition } : {}),
+    });
+    const n = Math.max(16, spec.nodes.length);
+    this.startMs = new Float64Array(n);
+    this.endMs = new Float64Array(n);
+    this.out = new Int32Array(4096);
+    this.resultDir = opts.resultDir ?? '.weft/results';
+    this.restart = opts.restartFrom ? restartResults(opts.restartFrom) : null;
+  }
+
+  async execute(): Promise<FlowRunResult> {
+    const finished = new Promise<void>((resolve) => {
+      this.resolveDone = resolve;
+    });
+    await this.executor.start({
+      flowName: this.spec.name,
+      modules: this.spec.modules,
+      taskKeys: [...new Set(this.nodes.filter((n) => n.kind === 'task').map((n) => n.taskKey))],
+      parameters: this.parameters,
+      onOutcomes: (o) => this.onOutcomes(o),
+    });
+    const signal = this.opts.signal;
+    const onAbort = (): void => {
+      this.core.cancel();
+      this.pump();
+    };
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener('abort', onAbort, { once: true });
+    let progressTimer: NodeJS.Timeout | undefined;
+    if (this.opts.onProgress) {
+      const every = this.opts.progressIntervalMs ?? 100;
+      progressTimer = setInterval(() => this.opts.onProgress?.(this.progress()), every);
+    }
+    try {
+      this.core.start();
+      this.pump();
+      await finished;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      if (progressTimer) clearInterval(progressTimer);
+      for (const t of this.timers) clearTimeout(t);
+      this.timers.clear();
+      await this.executor.shutdown();
+    }
+    if (this.failure !== null) throw this.failure;
+    this.opts.onProgress?.(this.progress());
+    return this.result();
+  }
+
+  // --- the loop -----------------------------------------------------------------
+
+  /** Move ready tasks to the executor and carry out instructions, until nothing changes. */
+  private pump(): void {
+    if (this.pumping) {
+      this.pumpAgain = true;
+      return;
+    }
+    this.pumping = true;
+    try {
+      do {
+        this.pumpAgain = false;
+        this.drainInstructions();
+        if (this.done !== null) break;
+        this.dispatch();
+        this.drainInstructions();
+      } while (this.pumpAgain && this.done === null);
+    } catch (err) {
+      // A bug in the core or the runner: end the run rather than hang.
+      this.failure = err;
+      this.done = { state: 'Failed', message: String(err) };
+      this.resolveDone();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private dispatch(): void {
+    const core = this.core;
+    const out = this.out;
+    while (core.readyCount > 0 && this.done === null) {
+      const slots = this.executor.freeSlots();
+      if (slots <= 0) return; // outcomes free slots and pump again
+      const k = core.takeReady(Math.min(slots, out.length), out);
+      if (k === 0) return; // everything ready is waiting for a tag slot
+      let batch: TaskCall[] | null = null;
+      for (let j = 0; j < k; j++) {
+        const call = this.prepare(out[j]!);
+        if (call !== null) (batch ??= []).push(call);
+      }
+      if (batch !== null) this.executor.submit(batch);
+      this.drainInstructions();
+    }
+  }
+
+  /** A TaskCall for the executor, or null when the runner settled the task itself. */
+  private prepare(id: number): TaskCall | null {
+    const core = this.core;
+    const node = this.nodes[core.node[id]!]!;
+    const runId = core.runId[id]!;
+    const mapIndex = core.mapIndex[id]!;
+    const t = now();
+    this.ensureTimes(id);
+    this.startMs[id] = t;
+    if (node.kind === 'parameter') {
+      this.results[id] = this.parameters[node.parameter!.name];
+      this.endMs[id] = t;
+      core.success(id, runId);
+      return null;
+    }
+    let args: unknown[];
+    try {
+      args = this.argsFor(id, node, mapIndex);
+    } catch (err) {
+      this.settleError(id, runId, err);
+      return null;
+    }
+    if (node.kind === 'inline') {
+      try {
+        this.results[id] = node.inline!(...args);
+        this.endMs[id] = now();
+        core.success(id, runId);
+      } catch (err) {
+        this.settleError(id, runId, err);
+      }
+      return null;
+    }
+    // Results that already exist: an earlier run's (restart), a target file, the cache.
+    if (this.restart !== null) {
+      const key = `${node.key}\u0000${mapIndex}`;
+      if (this.restart.has(key)) {
+        this.results[id] = this.restart.get(key);
+        this.endMs[id] = now();
+        core.cached(id, runId);
+        return null;
+      }
+    }
+    const opts = node.options;
+    if (opts.result?.target !== undefined) {
+      try {
+        const path = resolvePath(this.resultDir, renderLocation(opts.result.target, this.vars(node, mapIndex)));
+        const r = readResult(path, opts.result);
+        if (r.found) {
+          this.results[id] = r.value;
+          this.endMs[id] = now();
+          core.cached(id, runId);
+          return null;
+        }
+      } catch (err) {
+        this.settleError(id, runId, err);
+        return null;
+      }
+    }
+    if (opts.cacheForMs > 0) {
+      const hit = cacheLookup(opts, cacheKeyOf(node, mapIndex), args, this.parameters, Date.now());
+      if (hit.hit) {
+        this.results[id] = hit.value;
+        this.endMs[id] = now();
+        core.cached(id, runId);
+        return null;
+      }
+    }
+    return {
+      id,
+      runId,
+      taskKey: node.taskKey,
+      key: node.key,
+      args,
+      timeoutMs: opts.timeoutMs,
+      mapIndex,
+      attempt: core.attempts[id]!,
+      loopCount: core.loopCount[id]!,
+      loopResult: this.loopValues.get(id),
+    };
+  }
+
+  private onOutcomes(outcomes: Outcome[]): void {
+    const core = this.core;
+    for (let i = 0; i < outcomes.length; i++) {
+      const o = outcomes[i]!;
+      const id = o.id;
+      if (!core.current(id, o.runId)) continue; // stale: rescheduled meanwhile
+      if (o.startMs > 0) this.startMs[id] = o.startMs;
+      this.endMs[id] = o.endMs > 0 ? o.endMs : now();
+      if (o.worker !== undefined) this.workers.set(id, o.worker);
+      if (o.status === 'ok') {
+        const node = this.nodes[core.node[id]!]!;
+        this.results[id] = o.value;
+        if (node.options.checkpoint || node.options.cacheForMs > 0 || node.options.result !== null) {
+          try {
+            this.persist(id, node, o.value);
+          } catch (err) {
+            this.settleError(id, o.runId, err);
+            continue;
+          }
+        }
+        core.success(id, o.runId);
+      } else this.settleOutcome(id, o);
+    }
+    this.pump();
+  }
+
+  private settleOutcome(id: number, o: Outcome): void {
+    const runId = o.runId;
+    switch (o.status) {
+      case 'timeout':
+        this.recordError(id, o.error);
+        this.core.failure(id, runId, 'timeout', this.retryable(id, o.error, 'TaskTimeoutError'));
+        return;
+      case 'lost':
+        this.recordError(id, o.error);
+        this.core.failure(id, runId, 'lost', true, -1, o.worker !== undefined ? `last on ${o.worker}` : undefined);
+        return;
+      case 'cancelled':
+        this.recordError(id, o.error ?? { name: 'CancelledError', message: 'cancelled' });
+        this.core.failure(id, runId, 'cancelled');
+        return;
+      default:
+        this.settleError(id, runId, o.error);
+    }
+  }
+
+  /** A thrown error or signal: pick the core event. */
+  private settleError(id: number, runId: number, err: unknown): void {
+    const rec = toRecord(err);
+    const kind = signalKind(rec.name);
+    if (kind === 'skip') {
+      this.results[id] = rec.data ?? null;
+      this.core.failure(id, runId, 'skip');
+      return;
+    }
+    if (kind === 'loop') {
+      this.loopValues.set(id, rec.data);
+      this.core.failure(id, runId, 'loop');
+      return;
+    }
+    this.recordError(id, rec);
+    if (kind === 'retry') {
+      const d = (rec.data as { delayMs?: unknown } | undefined)?.delayMs;
+      this.core.failure(id, runId, 'retry', true, typeof d === 'number' ? d : -1);
+    } else if (kind === 'pause') this.core.failure(id, runId, 'pause');
+    else this.core.failure(id, runId, 'error', this.retryable(id, err, rec.name));
+  }
+
+  private retryable(id: number, err: unknown, name: string): boolean {
+    const on = this.nodes[this.core.node[id]!]!.options.retryOn;
+    if (on === null) return true;
+    if (on.includes(name)) return true;
+    // In-process errors: match any class up the prototype chain.
+    for (let p = err instanceof Error ? Object.getPrototypeOf(err) : null; p && p !== Object.prototype; p = Object.getPrototypeOf(p)) {
+      const n = (p as { constructor?: { name?: string } }).constructor?.name;
+      if (n !== undefined && on.includes(n)) return true;
+    }
+    return false;
+  }
+
+  private recordError(id: number, err: unknown): void {
+    if (err === undefined) return;
+    this.errors.set(id, toRecord(err));
+  }
+
+  private drainInstructions(): void {
+    const ins = this.core.instructions;
+    if (ins.length === 0) return;
+    this.core.instructions = [];
+    for (const i of ins) this.carryOut(i);
+  }
+
+  private carryOut(i: Instruction): void {
+    switch (i.op) {
+      case 'retry': {
+        const t = setTimeout(() => {
+          this.timers.delete(t);
+          this.core.retryDue(i.id);
+          this.pump();
+        }, i.delayMs);
+        this.timers.add(t);
+        return;
+      }
+      case 'stop':
+        this.executor.cancel(i.ids);
+        return;
+      case 'done':
+        this.done = { state: i.state, message: i.message };
+        this.resolveDone();
+        return;
+    }
+  }
+
+  // --- arguments and mapping ---------------------------------------------------
+
+  private argsFor(id: number, node: NodeSpec, mapIndex: number): unknown[] {
+    const bindings = node.args;
+    const args = new Array<unknown>(bindings.length);
+    void id;
+    for (let a = 0; a < bindings.length; a++) {
+      const b = bindings[a]!;
+      const child = mapIndex >= 0 && (b.mode === 'mapped' || b.mode === 'flatten');
+      if (b.kind === 'const') {
+        if (!child) args[a] = b.value;
+        else args[a] = b.mode === 'flatten' ? (b.value as unknown[][]).flat(1)[mapIndex] : (b.value as unknown[])[mapIndex];
+        continue;
+      }
+      const u = b.node;
+      if (!child) args[a] = this.valueOf(u);
+      else if (b.mode === 'flatten') args[a] = this.flatOf(u)[mapIndex];
+      else {
+        const r = this.core.mapRange(u);
+        args[a] = r !== undefined ? this.results[r.start + mapIndex] : (this.results[u] as unknown[])[mapIndex];
+      }
+    }
+    return args;
+  }
+
+  /** A node's value as its consumers see it: for a mapped node, the list of its children's results. */
+  private valueOf(u: number): unknown {
+    const r = this.core.mapRange(u);
+    if (r === undefined) return this.results[u];
+    let list = this.lists.get(u);
+    if (list === undefined || list.length !== r.width) {
+      list = this.results.slice(r.start, r.start + r.width);
+      if (list.length < r.width) list.length = r.width;
+      if (S.isFinished(this.core.state[u]!)) this.lists.set(u, list);
+    }
+    return list;
+  }
+
+  private flatOf(u: number): unknown[] {
+    let f = this.flattened.get(u);
+    if (f === undefined) {
+      const v = this.valueOf(u);
+      f = Array.isArray(v) ? v.flat(1) : [];
+      this.flattened.set(u, f);
+    }
+    return f;
+  }
+
+  private inputLength(id: number, arg: number): number | string {
+    const node = this.nodes[this.core.node[id]!]!;
+    const b = node.args[arg]!;
+    if (b.kind === 'const') return Array.isArray(b.value) ? b.value.length : `argument ${arg} of "${node.key}" is not a list`;
+    const uKey = this.nodes[b.node]!.key;
+    const v = this.valueOf(b.node);
+    if (!Array.isArray(v)) {
+      return `"${node.key}" maps over argument ${arg}, but upstream "${uKey}" returned ${describeType(v)}, not a list`;
+    }
+    if (b.mode === 'flatten') {
+      const bad = v.findIndex((x) => !Array.isArray(x));
+      if (bad >= 0) return `"${node.key}" flattens argument ${arg}, but element ${bad} of "${uKey}" is ${describeType(v[bad])}, not a list`;
+      return this.flatOf(b.node).length;
+    }
+    return v.length;
+  }
+
+  // --- results -------------------------------------------------------------------
+
+  private vars(node: NodeSpec, mapIndex: number): Parameters<typeof renderLocation>[1] {
+    return { flow: this.spec.name, task: node.key, mapIndex, runId: this.runUuid, parameters: this.parameters };
+  }
+
+  private persist(id: number, node: NodeSpec, value: unknown): void {
+    const mapIndex = this.core.mapIndex[id]!;
+    const opts = node.options;
+    if (wantsCheckpoint(node) || opts.result?.target !== undefined) {
+      const template = opts.result?.target ?? opts.result?.location ?? DEFAULT_LOCATION;
+      writeResult(resolvePath(this.resultDir, renderLocation(template, this.vars(node, mapIndex))), value, opts.result);
+    }
+    if (opts.cacheForMs > 0) {
+      const args = this.argsFor(id, node, mapIndex);
+      cacheStore(opts, cacheKeyOf(node, mapIndex), value, args, this.parameters, Date.now());
+    }
+  }
+
+  // --- reporting -------------------------------------------------------------------
+
+  private ensureTimes(id: number): void {
+    if (id < this.startMs.length) return;
+    let n = this.startMs.length;
+    while (n <= id) n *= 2;
+    const s = new Float64Array(n);
+    s.set(this.startMs);
+    this.startMs = s;
+    const e = new Float64Array(n);
+    e.set(this.endMs);
+    this.endMs = e;
+  }
+
+  private onTransition(id: number, from: number, to: number): void {
+    const node = this.nodes[this.core.node[id]!]!;
+    const fromName = S.STATE_NAMES[from]!;
+    const toName = S.STATE_NAMES[to]!;
+    this.opts.onTaskState?.({ key: node.key, mapIndex: this.core.mapIndex[id]!, from: fromName, to: toName, at: now() });
+    const o = node.options;
+    if (o.stateHandlers.length === 0 && o.onFailure === null) return;
+    const task = { key: node.key, mapIndex: this.core.mapIndex[id]! };
+    const err = this.errors.get(id);
+    const info = { ...(err ? { error: err } : {}), ...(S.isSuccessLike(to) ? { result: this.results[id] } : {}) };
+    // Handlers run after the event that caused them has settled the state (their errors are logged, not fatal).
+    queueMicrotask(() => {
+      for (const h of o.stateHandlers) safeCall(() => h(task, fromName, toName, info), node.key);
+      if (o.onFailure !== null && S.isFailedLike(to) && to !== S.CANCELLED) safeCall(() => o.onFailure!(task, fromName, toName, info), node.key);
+    });
+  }
+
+  private progress(): RunProgress {
+    const c = this.core.counts;
+    let done = 0;
+    for (let s = S.SUCCESS; s < S.N_STATES; s++) done += c[s]!;
+    const elapsedMs = now() - this.t0;
+    return {
+      total: this.core.size,
+      done,
+      running: c[S.RUNNING]!,
+      failed: c[S.FAILED]! + c[S.TIMED_OUT]! + c[S.TRIGGER_FAILED]!,
+      skipped: c[S.SKIPPED]!,
+      rate: elapsedMs > 0 ? (done * 1000) / elapsedMs : 0,
+      elapsedMs,
+    };
+  }
+
+  private result(): FlowRunResult {
+    const core = this.core;
+    const endMs = now();
+    const done = this.done ?? core.runState();
+    const keep = this.opts.keepResults ?? true;
+    const results = keep ? this.results : [];
+    const { nodes, startMs, endMs: ends, errors, workers, spec } = this;
+    const idOf = (ref: NodeRef): number => {
+      const id = typeof ref === 'number' ? ref : ref.node;
+      if (!Number.isInteger(id) || id < 0 || id >= core.nStatic) throw new RangeError(`no node ${String(id)} in flow "${spec.name}"`);
+      return id;
+    };
+    let tasks: TaskRunRecord[] | null = null;
+    const record = (id: number): TaskRunRecord => {
+      const r: TaskRunRecord = {
+        key: nodes[core.node[id]!]!.key,
+        node: core.node[id]!,
+        mapIndex: core.mapIndex[id]!,
+        state: core.stateName(id),
+        attempts: core.attempts[id]!,
+        startMs: startMs[id] ?? 0,
+        endMs: ends[id] ?? 0,
+      };
+      const err = errors.get(id);
+      const msg = core.messages.get(id);
+      if (msg !== undefined) {
+        r.error = { name: r.state === 'TriggerFailed' ? 'TriggerFailed' : (err?.name ?? 'WeftError'), message: msg };
+        if (err?.stack !== undefined) r.error.stack = err.stack;
+      } else if (err !== undefined && r.state !== 'Success' && r.state !== 'Cached') r.error = err;
+      const w = workers.get(id);
+      if (w !== undefined) r.worker = w;
+      return r;
+    };
+    return {
+      flowName: this.spec.name,
+      state: done.state,
+      message: done.message,
+      startMs: this.t0,
+      endMs,
+      durationMs: endMs - this.t0,
+      parameters: this.parameters,
+      get tasks(): readonly TaskRunRecord[] {
+        if (tasks === null) {
+          tasks = new Array<TaskRunRecord>(core.size);
+          for (let id = 0; id < core.size; id++) tasks[id] = record(id);
+        }
+        return tasks;
+      },
+      result<T>(ref: NodeRef): T {
+        const id = idOf(ref);
+        const r = core.mapRange(id);
+        if (r !== undefined) return results.slice(r.start, r.start + r.width) as T;
+        return results[id] as T;
+      },
+      stateOf(ref: NodeRef): TaskStateName {
+        return core.stateName(idOf(ref));
+      },
+      runsOf(ref: NodeRef): readonly TaskRunRecord[] {
+        const id = idOf(ref);
+        const out = [record(id)];
+        const r = core.mapRange(id);
+        if (r !== undefined) for (let c = r.start; c < r.start + r.width; c++) out.push(record(c));
+        return out;
+      },
+      story(ref: NodeRef, mapIndex?: number): readonly string[] {
+        let id = idOf(ref);
+        if (mapIndex !== undefined && mapIndex >= 0) {
+          const r = core.mapRange(id);
+          if (r === undefined || mapIndex >= r.width) return [];
+          id = r.start + mapIndex;
+        }
+        return core.story(id);
+      },
+    } as FlowRunResult;
+  }
+}
+
+function signalKind(name: string): FailureKind | null {
+  switch (name) {
+    case 'SkipSignal':
+      return 'skip';
+    case 'LoopSignal':
+      return 'loop';
+    case 'RetrySignal':
+      return 'retry';
+    case 'PauseSignal':
+      return 'pause';
+    default:
+      return null;
+  }
+}
+
+function toRecord(err: unknown): SerializedError {
+  if (err instanceof Error) {
+    const r: SerializedError = { name: err.name, message: err.message };
+    if (err.stack !== undefined) r.stack = err.stack;
+    const code = (err as { code?: unknown }).code;
+    if (typeof code === 'string') r.code = code;
+    const data = (err as { data?: unknown }).data;
+    if (data !== undefined) r.data = data;
+    return r;
+  }
+  if (typeof err === 'object' && err !== null && typeof (err as SerializedError).name === 'string') return err as SerializedError;
+  return { name: 'Error', message: String(err) };
+}
+
+function safeCall(fn: () => void, key: string): void {
+  try {
+    fn();
+  } catch (err) {
+    process.emitWarning(`state handler of task "${key}" threw: ${(err as Error)?.message ?? String(err)}`);
+  }
+}
+
+/** The Success/Cached results of an earlier run, by (key, map index). */
+function restartResults(prev: FlowRunResult): Map<string, unknown> {
+  const m = new Map<string, unknown>();
+  for (const t of prev.tasks) {
+    if (t.state !== 'Success' && t.state !== 'Cached') continue;
+    const all = prev.result(t.node) as unknown;
+    const v = t.mapIndex >= 0 ? (all as unknown[])[t.mapIndex] : all;
+    m.set(`${t.key}\u0000${t.mapIndex}`, v);
+  }
+  return m;
+}

@@ -1,0 +1,367 @@
+/**
+ * One conformance suite for every Executor: each case drives an executor directly with
+ * TaskCalls against the fixture module `fixtures/exec-tasks.ts`, the way the runner
+ * does (submit at most `freeSlots()`, refill from `onOutcomes`).
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import { LocalExecutor, PoolExecutor, type Executor, type Outcome, type TaskCall } from '../src/executor/index.ts';
+import { SkipSignal, TaskResolutionError, deserializeError, type SerializedError } from '../src/errors.ts';
+import { MODULE, key } from './fixtures/exec-tasks.ts';
+
+type Mode = 'local' | 'threads' | 'processes';
+
+const factories: { name: string; mode: Mode; make: () => Executor }[] = [
+  { name: 'LocalExecutor', mode: 'local', make: () => new LocalExecutor() },
+  { name: 'PoolExecutor threads 2', mode: 'threads', make: () => new PoolExecutor({ threads: 2 }) },
+  { name: 'PoolExecutor processes 2', mode: 'processes', make: () => new PoolExecutor({ processes: 2 }) },
+];
+
+const ALL_TASKS = [
+  'noop', 'add', 'echo', 'ctx', 'asyncAdd', 'sleep', 'busy', 'boom', 'asyncBoom', 'skipWith',
+  'unsendable', 'exit', 'bytes', 'arrayBuffer', 'subview', 'concurrency',
+].map(key);
+
+let nextId = 1;
+function call(task: string, args: unknown[], over: Partial<TaskCall> = {}): TaskCall {
+  return {
+    id: nextId++,
+    runId: 7,
+    taskKey: key(task),
+    key: task,
+    args,
+    timeoutMs: 0,
+    mapIndex: -1,
+    attempt: 1,
+    loopCount: 0,
+    loopResult: undefined,
+    ...over,
+  };
+}
+
+/** A tiny runner: feeds calls within freeSlots(), collects outcomes, checks the limit. */
+class Driver {
+  readonly outcomes = new Map<number, Outcome>();
+  private backlog: TaskCall[] = [];
+  private waiters: { ids: number[]; resolve: () => void }[] = [];
+  inFlight = 0;
+  maxInFlight = 0;
+  limit = 0;
+  batches = 0;
+
+  constructor(readonly ex: Executor) {}
+
+  async start(taskKeys = ALL_TASKS, modules = [MODULE], parameters: Record<string, unknown> = { p: 1 }): Promise<void> {
+    await this.ex.start({
+      flowName: 'conformance',
+      modules,
+      taskKeys,
+      parameters,
+      onOutcomes: (outs) => {
+        this.batches++;
+        for (const o of outs) {
+          expect(this.outcomes.has(o.id), `second outcome for call ${o.id}`).toBe(false);
+          this.outcomes.set(o.id, o);
+        }
+        this.inFlight -= outs.length;
+        this.feed();
+        this.wake();
+      },
+    });
+    this.limit = this.ex.freeSlots();
+    expect(this.limit).toBeGreaterThan(0);
+  }
+
+  /** Submit (through the backlog, within freeSlots) and wait for all their outcomes. */
+  run(calls: TaskCall[], timeoutMs = 20_000): Promise<Outcome[]> {
+    const p = this.wait(calls.map((c) => c.id), timeoutMs);
+    this.backlog.push(...calls);
+    this.feed();
+    return p;
+  }
+
+  wait(ids: number[], timeoutMs = 20_000): Promise<Outcome[]> {
+    return new Promise<Outcome[]>((resolve, reject) => {
+      const t = setTimeout(() => {
+        const missing = ids.filter((id) => !this.outcomes.has(id));
+        reject(new Error(`no outcome for ${missing.length} calls (e.g. ${missing.slice(0, 5).join(',')})`));
+      }, timeoutMs);
+      this.waiters.push({
+        ids,
+        resolve: () => {
+          clearTimeout(t);
+          resolve(ids.map((id) => this.outcomes.get(id)!));
+        },
+      });
+      this.wake();
+    });
+  }
+
+  private feed(): void {
+    const free = this.ex.freeSlots();
+    if (free <= 0 || this.backlog.length === 0) return;
+    const batch = this.backlog.splice(0, free);
+    this.inFlight += batch.length;
+    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+    this.ex.submit(batch);
+  }
+
+  private wake(): void {
+    this.waiters = this.waiters.filter((w) => {
+      if (w.ids.every((id) => this.outcomes.has(id))) {
+        w.resolve();
+        return false;
+      }
+      return true;
+    });
+  }
+}
+
+function errOf(o: Outcome): SerializedError & { data?: unknown } {
+  expect(o.error, `outcome ${o.id} (${o.status}) has no error`).toBeDefined();
+  return o.error as SerializedError;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
+  let ex: Executor | null = null;
+  const open = async (...args: Parameters<Driver['start']>): Promise<Driver> => {
+    ex = make();
+    const d = new Driver(ex);
+    await d.start(...args);
+    return d;
+  };
+  afterEach(async () => {
+    await ex?.shutdown();
+    ex = null;
+  });
+
+  it('returns results for many calls, in any order, each with its id and runId', async () => {
+    const d = await open();
+    const calls = Array.from({ length: 5000 }, (_, i) => call('add', [i, 1]));
+    const outs = await d.run(calls);
+    for (let i = 0; i < calls.length; i++) {
+      const o = outs[i]!;
+      expect(o.status).toBe('ok');
+      expect(o.value).toBe(i + 1);
+      expect(o.runId).toBe(7);
+      expect(o.endMs).toBeGreaterThanOrEqual(o.startMs);
+      expect(typeof o.worker).toBe('string');
+    }
+    const [echo] = await d.run([call('echo', [{ a: [1, 'two', { three: 3 }], d: new Date(5), m: new Map([[1, 2]]) }])]);
+    expect(echo!.value).toEqual({ a: [1, 'two', { three: 3 }], d: new Date(5), m: new Map([[1, 2]]) });
+    expect(d.batches).toBeLessThan(calls.length / 4); // batched, not one delivery per call
+  });
+
+  it('sets the task context for each call', async () => {
+    const d = await open();
+    const [o] = await d.run([call('ctx', [], { key: 'ctx-node', mapIndex: 3, attempt: 2, loopCount: 4, loopResult: { n: 9 } })]);
+    expect(o!.status).toBe('ok');
+    expect(o!.value).toEqual({
+      flowName: 'conformance', key: 'ctx-node', mapIndex: 3, attempt: 2, loopCount: 4, loopResult: { n: 9 }, parameters: { p: 1 },
+    });
+  });
+
+  it('runs async tasks', async () => {
+    const d = await open();
+    const outs = await d.run(Array.from({ length: 20 }, (_, i) => call('asyncAdd', [i, 10, 2])));
+    outs.forEach((o, i) => {
+      expect(o.status).toBe('ok');
+      expect(o.value).toBe(i + 10);
+    });
+  });
+
+  it('reports thrown errors with name, message and stack', async () => {
+    const d = await open();
+    const [sync, async_, ok] = await d.run([call('boom', ['bad row']), call('asyncBoom', ['late']), call('add', [1, 1])]);
+    expect(sync!.status).toBe('error');
+    expect(errOf(sync!)).toMatchObject({ name: 'TypeError', message: 'bad row' });
+    expect(errOf(sync!).stack).toContain('exec-tasks');
+    expect(deserializeError(errOf(sync!))).toBeInstanceOf(TypeError);
+    expect(async_!.status).toBe('error');
+    expect(errOf(async_!)).toMatchObject({ name: 'RangeError', message: 'late' });
+    expect(ok!.value).toBe(2);
+  });
+
+  it('round-trips signals by name and data', async () => {
+    const d = await open();
+    const [o] = await d.run([call('skipWith', [{ rows: [1, 2], why: 'empty' }])]);
+    expect(o!.status).toBe('error');
+    const e = errOf(o!);
+    expect(e.name).toBe('SkipSignal');
+    expect(e.data).toEqual({ rows: [1, 2], why: 'empty' });
+    const back = deserializeError(e);
+    expect(back).toBeInstanceOf(SkipSignal);
+    expect((back as SkipSignal).data).toEqual({ rows: [1, 2], why: 'empty' });
+  });
+
+  it.runIf(mode !== 'local')('fails only the task whose result cannot be sent', async () => {
+    const d = await open();
+    // Warm the estimate so the three calls travel in one batch.
+    await d.run([call('add', [0, 0]), call('unsendable', [])]);
+    const [a, bad, b] = await d.run([call('add', [1, 2]), call('unsendable', []), call('add', [3, 4])]);
+    expect(a!.value).toBe(3);
+    expect(b!.value).toBe(7);
+    expect(bad!.status).toBe('error');
+    expect(errOf(bad!).name).toBe('TaskSerializationError');
+    expect(errOf(bad!).message).toMatch(/^result of task "unsendable" cannot be sent between (threads|processes): /);
+  });
+
+  it.runIf(mode !== 'local')('fails only the call whose arguments cannot be sent', async () => {
+    const d = await open();
+    await d.run([call('echo', [0])]);
+    const [a, bad, b] = await d.run([call('echo', [1]), call('echo', [() => 2]), call('echo', [3])]);
+    expect(a!.value).toBe(1);
+    expect(b!.value).toBe(3);
+    expect(bad!.status).toBe('error');
+    expect(errOf(bad!).name).toBe('TaskSerializationError');
+    expect(errOf(bad!).message).toMatch(/^arguments of task "echo" cannot be sent between (threads|processes): /);
+  });
+
+  it('moves ArrayBuffers and typed arrays in results intact', async () => {
+    const d = await open();
+    const n = 1 << 20;
+    const [bytes, ab, sub] = await d.run([call('bytes', [n]), call('arrayBuffer', [4096]), call('subview', [])]);
+    const u = bytes!.value as Uint8Array;
+    expect(u).toBeInstanceOf(Uint8Array);
+    expect(u.length).toBe(n);
+    expect(u[0]).toBe(0);
+    expect(u[255]).toBe(255);
+    expect(u[n - 1]).toBe((n - 1) & 0xff);
+    const b = ab!.value as ArrayBuffer;
+    expect(b).toBeInstanceOf(ArrayBuffer);
+    expect(b.byteLength).toBe(4096);
+    expect(new Uint8Array(b)[3]).toBe(21);
+    expect(Array.from(sub!.value as Uint8Array)).toEqual([8, 9, 10, 11, 12, 13, 14, 15]);
+  });
+
+  it('times out a call that runs too long, and keeps working', async () => {
+    const d = await open();
+    const t0 = Date.now();
+    // Local can only stop waiting for an async task; a pool stops a busy thread/process.
+    const slow = mode === 'local' ? call('sleep', [10_000], { timeoutMs: 100 }) : call('busy', [10_000], { timeoutMs: 200 });
+    const [o] = await d.run([slow]);
+    expect(o!.status).toBe('timeout');
+    expect(errOf(o!).name).toBe('TaskTimeoutError');
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    const outs = await d.run(Array.from({ length: 50 }, (_, i) => call('add', [i, i])));
+    outs.forEach((x, i) => expect(x.value).toBe(2 * i));
+  });
+
+  it('cancels queued calls', async () => {
+    const d = await open();
+    const slow = mode === 'local' ? call('sleep', [150]) : call('busy', [150]);
+    const slow2 = mode === 'local' ? call('sleep', [150]) : call('busy', [150]);
+    const queued = [call('add', [1, 1]), call('add', [2, 2]), call('add', [3, 3])];
+    const all = d.run([slow, slow2, ...queued]);
+    d.ex.cancel([queued[0]!.id, queued[2]!.id]);
+    const outs = await all;
+    expect(outs.map((o) => o.status)).toEqual(['ok', 'ok', 'cancelled', 'ok', 'cancelled']);
+    expect(errOf(outs[2]!).name).toBe('CancelledError');
+    expect(outs[3]!.value).toBe(4);
+    expect(d.ex.freeSlots()).toBe(d.limit);
+  });
+
+  it('cancels a running call, and keeps working', async () => {
+    const d = await open();
+    const running = mode === 'local' ? call('sleep', [10_000]) : call('busy', [10_000]);
+    const p = d.run([running]);
+    await sleep(300);
+    const t0 = Date.now();
+    d.ex.cancel([running.id]);
+    const [o] = await p;
+    expect(o!.status).toBe('cancelled');
+    expect(Date.now() - t0).toBeLessThan(2_000);
+    const outs = await d.run(Array.from({ length: 20 }, (_, i) => call('add', [i, 0])));
+    outs.forEach((x, i) => expect(x.value).toBe(i));
+    expect(d.ex.freeSlots()).toBe(d.limit);
+  });
+
+  it.runIf(mode !== 'local')('reports calls on a crashed worker as lost, replaces it, and keeps working', async () => {
+    const d = await open();
+    const [o] = await d.run([call('exit', [1])]);
+    expect(o!.status).toBe('lost');
+    expect(errOf(o!).name).toBe('WorkerLostError');
+    expect(o!.worker).toMatch(/^(thread|process)-/);
+    const outs = await d.run(Array.from({ length: 200 }, (_, i) => call('add', [i, 1])));
+    outs.forEach((x, i) => expect(x.value).toBe(i + 1));
+    // The replacement joins (it imports the modules first): both workers serve again.
+    let seen = 0;
+    for (let i = 0; i < 50 && seen < 2; i++) {
+      const many = await d.run(Array.from({ length: 4 }, () => call('busy', [20])));
+      seen = new Set(many.map((x) => x.worker)).size;
+    }
+    expect(seen).toBe(2);
+  });
+
+  it('never accepts more than freeSlots() calls', async () => {
+    const d = await open();
+    const cap = d.ex.freeSlots();
+    expect(() => d.ex.submit(Array.from({ length: cap + 1 }, () => call('noop', [])))).toThrow(RangeError);
+    expect(d.ex.freeSlots()).toBe(cap);
+    const outs = await d.run(Array.from({ length: cap * 3 + 17 }, () => call('noop', [])));
+    expect(outs.every((o) => o.status === 'ok')).toBe(true);
+    expect(d.maxInFlight).toBeLessThanOrEqual(cap);
+    expect(d.maxInFlight).toBe(cap);
+    expect(d.ex.freeSlots()).toBe(cap);
+  });
+
+  it.runIf(mode !== 'processes')('runs at most `workers` synchronous tasks at once', async () => {
+    const d = await open();
+    const sab = new SharedArrayBuffer(8);
+    const outs = await d.run(Array.from({ length: 24 }, () => call('concurrency', [sab, 10])));
+    expect(outs.every((o) => o.status === 'ok')).toBe(true);
+    const max = new Int32Array(sab)[1]!;
+    expect(max).toBeGreaterThanOrEqual(1);
+    expect(max).toBeLessThanOrEqual(d.ex.workers);
+  });
+
+  it('shuts down promptly while a task runs, leaving no worker behind', async () => {
+    const d = await open();
+    const before = process.getActiveResourcesInfo().filter((r) => r !== 'Timeout' && r !== 'Immediate').length;
+    void d.run([mode === 'local' ? call('sleep', [10_000]) : call('busy', [10_000])]).catch(() => {});
+    await sleep(200);
+    const t0 = Date.now();
+    await d.ex.shutdown();
+    await d.ex.shutdown(); // idempotent
+    expect(Date.now() - t0).toBeLessThan(3_000);
+    expect(d.ex.freeSlots()).toBe(0);
+    await sleep(50);
+    const kinds = process.getActiveResourcesInfo();
+    expect(kinds).not.toContain('MessagePort');
+    expect(kinds).not.toContain('ProcessWrap');
+    expect(kinds.filter((r) => r !== 'Timeout' && r !== 'Immediate').length).toBeLessThanOrEqual(before);
+  });
+
+  it('rejects start() naming a task that cannot be resolved', async () => {
+    ex = make();
+    const err = await new Driver(ex).start([key('add'), key('nope')]).then(
+      () => null,
+      (e: unknown) => e as Error,
+    );
+    expect(err).toBeInstanceOf(TaskResolutionError);
+    expect(err!.message).toMatch(/^task "nope" \(file:\/\/.*exec-tasks\.ts#nope\) cannot be found in .*: it is defined inside a function or its module did not register it$/);
+  });
+
+  it('rejects start() naming a module that fails to import, and the cause', async () => {
+    ex = make();
+    const bad = 'data:text/javascript,throw new Error("exploded on purpose")';
+    const err = await new Driver(ex).start([key('add')], [MODULE, bad]).then(
+      () => null,
+      (e: unknown) => e as Error,
+    );
+    expect(err).toBeInstanceOf(TaskResolutionError);
+    expect(err!.message).toContain('data:text/javascript');
+    expect(err!.message).toContain('exploded on purpose');
+
+    await ex.shutdown();
+    ex = make();
+    const missing = new URL('./fixtures/no-such-module.ts', import.meta.url).href;
+    const err2 = await new Driver(ex).start([], [missing]).then(
+      () => null,
+      (e: unknown) => e as Error,
+    );
+    expect(err2).toBeInstanceOf(TaskResolutionError);
+    expect(err2!.message).toContain('no-such-module.ts');
+  });
+});
