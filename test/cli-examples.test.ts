@@ -71,6 +71,23 @@ describe('examples/etl.ts (npm start)', () => {
   });
 });
 
+describe('examples/squares.ts (the README example)', () => {
+  it('maps, skips the unlucky child and sums the rest, on threads too', async () => {
+    for (const extra of [[], ['--threads', '2']]) {
+      const json = join(tmp, `squares${extra.length}.json`);
+      const r = await runWeft(['run', 'examples/squares.ts', '--param', 'n=20', '--param', 'k=2', '--json', json, ...extra]);
+      expect(r.code).toBe(0);
+      // 2 * (sum of x^2 for x in 0..19) - 2 * 13^2
+      expect(r.stdout).toMatch(/^ {2}total: 4602$/m);
+      const doc = await readJson(json);
+      const children = runsOf(doc, 'square').filter((t) => t.mapIndex >= 0);
+      expect(children).toHaveLength(20);
+      expect(children.find((t) => t.mapIndex === 13)?.state).toBe('Skipped');
+      expect(children.filter((t) => t.state === 'Success')).toHaveLength(19);
+    }
+  });
+});
+
 describe('examples/mapping.ts', () => {
   it('maps, flattens and reduces', async () => {
     const json = join(tmp, 'mapping.json');
