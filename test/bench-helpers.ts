@@ -48,7 +48,8 @@ export function fakeRunFlow(calls: { spec: GraphSpec; opts: RunOptions | undefin
       endMs,
     }));
     return {
-      flowName: spec.name,
+      runId: 'test-run',
+    flowName: spec.name,
       state: 'Success',
       message: 'All reference tasks succeeded.',
       startMs,

@@ -48,12 +48,12 @@ describe('weft run: a flow that succeeds', () => {
     expect(lines(r.stdout).filter((l) => !l.startsWith('params='))).toEqual([expect.stringMatching(/^flow fake-ok: Success in /)]);
   });
 
-  it('--json writes exactly {state, durationMs, tasks[{key, mapIndex, state, attempts, startMs, endMs}]}', async () => {
+  it('--json writes {state, durationMs, runId, parameters, tasks[{key, mapIndex, state, attempts, startMs, endMs}]}', async () => {
     const out = join(tmp, 'nested', 'run.json');
     const r = await runWeft(['run', `${FIX}/cli-fake-ok.ts`, '--json', out, '-q']);
     expect(r.code).toBe(0);
     const doc = JSON.parse(await readFile(out, 'utf8')) as Record<string, unknown>;
-    expect(Object.keys(doc).sort()).toEqual(['durationMs', 'state', 'tasks']);
+    expect(Object.keys(doc).sort()).toEqual(['durationMs', 'parameters', 'runId', 'state', 'tasks']);
     expect(doc.state).toBe('Success');
     expect(typeof doc.durationMs).toBe('number');
     const tasks = doc.tasks as Record<string, unknown>[];

@@ -8,11 +8,11 @@
  * load or exports no flow), 130 a second Ctrl-C.
  */
 import { readFileSync } from 'node:fs';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { dirname, relative, resolve } from 'node:path';
 import type { Executor } from '../executor/types.ts';
 import type { NodeSpec } from '../flow/spec.ts';
-import type { FlowRunResult, RunOptions } from '../runner/types.ts';
+import type { FlowRunResult, RestartRecord, RunOptions } from '../runner/types.ts';
 import { formatFlags, parseArgs, parseParams, UsageError, type FlagSpec } from './args.ts';
 import { describe, LoadError, loadFlow, parameterNodes, type RunnableFlow } from './load.ts';
 import { ProgressReporter, type ProgressSink } from './progress.ts';
@@ -50,6 +50,7 @@ const RUN_FLAGS: readonly FlagSpec[] = [
   { name: 'executor', short: 'e', kind: 'string', choices: ['local', 'pool'], help: 'where tasks run: in this thread (local, default) or on a pool of worker threads' },
   { name: 'threads', short: 't', kind: 'count', value: 'N', help: 'worker threads for --executor pool (implies it; default: one per core)' },
   { name: 'json', kind: 'string', value: 'OUT', help: 'write {state, durationMs, tasks} as JSON to the file OUT' },
+  { name: 'restart', kind: 'string', value: 'RUN.json', help: 'restart an earlier run from its --json file: tasks that succeeded there load their checkpointed results instead of running' },
   { name: 'flow', short: 'f', kind: 'string', value: 'NAME', help: 'which flow to run when the file exports several (export or flow name)' },
   { name: 'quiet', short: 'q', kind: 'boolean', help: 'no progress and no table: print only the final line' },
   { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
@@ -154,6 +155,16 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
   const quiet = flags.quiet === true;
   const jsonOut = typeof flags.json === 'string' ? resolve(io.cwd, flags.json) : undefined;
 
+  let restart: RestartRecord | undefined;
+  if (typeof flags.restart === 'string') {
+    try {
+      restart = parseRestart(await readFile(resolve(io.cwd, flags.restart), 'utf8'));
+    } catch (err) {
+      io.stderr.write(`weft: cannot restart from ${flags.restart}: ${describe(err)}\n`);
+      return EXIT_USAGE;
+    }
+  }
+
   let flow: RunnableFlow;
   let paramNodes: NodeSpec[];
   try {
@@ -166,7 +177,9 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
     return EXIT_USAGE;
   }
 
-  const paramError = checkParameters(flow.name, paramNodes, given);
+  // A restart runs with the earlier run's parameters unless --param overrides them.
+  const parameters = { ...(restart?.parameters ?? {}), ...given };
+  const paramError = checkParameters(flow.name, paramNodes, parameters);
   if (paramError !== null) {
     io.stderr.write(`weft run: ${paramError}\n`);
     return EXIT_USAGE;
@@ -203,7 +216,8 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
   const where = relative(io.cwd, resolve(io.cwd, file)) || file;
   reporter?.start(`weft: running flow '${flow.name}' from ${where} (executor: ${executorKind ?? 'local'}${threads !== undefined ? `, ${threads} threads` : ''})`);
 
-  const opts: RunOptions = { parameters: given, signal: controller.signal };
+  const opts: RunOptions = { parameters, signal: controller.signal };
+  if (restart !== undefined) opts.restartFrom = restart;
   if (executor !== undefined) opts.executor = executor;
   if (reporter !== null) opts.onProgress = (p) => reporter.update(p);
 
@@ -302,4 +316,24 @@ function version(): string {
 
 function processIO(): CliIO {
   return { stdout: process.stdout, stderr: process.stderr, cwd: process.cwd(), exitGraceMs: 1000 };
+}
+
+/** A `weft run --json` document as a restart record; names what is wrong with it. */
+export function parseRestart(text: string): RestartRecord {
+  const doc = JSON.parse(text) as unknown;
+  if (typeof doc !== 'object' || doc === null) throw new Error('not a JSON object');
+  const d = doc as Record<string, unknown>;
+  if (!Array.isArray(d.tasks)) throw new Error('no "tasks" array (is it a weft run --json file?)');
+  d.tasks.forEach((t: unknown, i: number) => {
+    const r = t as Record<string, unknown> | null;
+    if (typeof r?.key !== 'string' || !Number.isInteger(r.mapIndex) || typeof r.state !== 'string') {
+      throw new Error(`tasks[${i}] needs key (string), mapIndex (integer) and state (string)`);
+    }
+  });
+  const out: { runId?: string; parameters?: Record<string, unknown>; tasks: RestartRecord['tasks'] } = {
+    tasks: d.tasks as RestartRecord['tasks'],
+  };
+  if (typeof d.runId === 'string') out.runId = d.runId;
+  if (typeof d.parameters === 'object' && d.parameters !== null) out.parameters = d.parameters as Record<string, unknown>;
+  return out;
 }

@@ -182,17 +182,24 @@ function compactJson(v: unknown, maxChars: number): string {
   return s.length > maxChars ? `${s.slice(0, maxChars - 1)}…` : s;
 }
 
-/** The `--json` document: exactly these fields, nothing else. */
+/**
+ * The `--json` document. `state`, `durationMs` and `tasks` are the stable interface;
+ * `runId` and `parameters` let `weft run --restart` restart from it.
+ */
 export interface RunJson {
   state: FlowRunResult['state'];
   durationMs: number;
+  runId?: string;
+  parameters?: Readonly<Record<string, unknown>>;
   tasks: { key: string; mapIndex: number; state: TaskStateName; attempts: number; startMs: number; endMs: number }[];
 }
 
-export function toRunJson(result: Pick<FlowRunResult, 'state' | 'durationMs' | 'tasks'>): RunJson {
+export function toRunJson(result: Pick<FlowRunResult, 'state' | 'durationMs' | 'tasks'> & Partial<Pick<FlowRunResult, 'runId' | 'parameters'>>): RunJson {
   return {
     state: result.state,
     durationMs: result.durationMs,
+    ...(result.runId !== undefined ? { runId: result.runId } : {}),
+    ...(result.parameters !== undefined ? { parameters: result.parameters } : {}),
     tasks: result.tasks.map((t) => ({
       key: t.key,
       mapIndex: t.mapIndex,

@@ -27,7 +27,7 @@ import {
   wantsCheckpoint,
   writeResult,
 } from './results.ts';
-import type { FlowRunResult, NodeRef, RunOptions, RunProgress, TaskRunRecord } from './types.ts';
+import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, TaskRunRecord } from './types.ts';
 
 const now = (): number => performance.timeOrigin + performance.now();
 
@@ -124,7 +124,7 @@ class FlowRun {
   private readonly out: Int32Array;
   private readonly runUuid = randomUUID();
   private readonly resultDir: string;
-  private readonly restart: Map<string, unknown> | null;
+  private readonly restart: Restart | null;
   private readonly hasHandlers: boolean;
   private readonly t0 = now();
   private pumping = false;
@@ -153,7 +153,7 @@ class FlowRun {
     this.endMs = new Float64Array(n);
     this.out = new Int32Array(4096);
     this.resultDir = opts.resultDir ?? '.weft/results';
-    this.restart = opts.restartFrom ? restartResults(opts.restartFrom) : null;
+    this.restart = opts.restartFrom ? restartOf(opts.restartFrom) : null;
   }
 
   async execute(): Promise<FlowRunResult> {
@@ -274,9 +274,9 @@ class FlowRun {
     }
     // Results that already exist: an earlier run's (restart), a target file, the cache.
     if (this.restart !== null) {
-      const key = `${node.key}\u0000${mapIndex}`;
-      if (this.restart.has(key)) {
-        this.results[id] = this.restart.get(key);
+      const r = this.restored(node, mapIndex);
+      if (r.found) {
+        this.results[id] = r.value;
         this.endMs[id] = now();
         core.cached(id, runId);
         return null;
@@ -501,6 +501,23 @@ class FlowRun {
 
   // --- results -------------------------------------------------------------------
 
+  /** An earlier run's result for this task run, from its memory or its checkpoint file. */
+  private restored(node: NodeSpec, mapIndex: number): { found: true; value: unknown } | { found: false } {
+    const r = this.restart!;
+    const key = `${node.key}\u0000${mapIndex}`;
+    if (!r.succeeded.has(key)) return { found: false };
+    if (r.values !== null && r.values.has(key)) return { found: true, value: r.values.get(key) };
+    if (!wantsCheckpoint(node) && node.options.result?.target === undefined) return { found: false };
+    const o = node.options;
+    const template = o.result?.target ?? o.result?.location ?? DEFAULT_LOCATION;
+    const vars = { ...this.vars(node, mapIndex), runId: r.runId ?? this.runUuid };
+    try {
+      return readResult(resolvePath(this.resultDir, renderLocation(template, vars)), o.result);
+    } catch {
+      return { found: false }; // unreadable checkpoint: run the task again
+    }
+  }
+
   private vars(node: NodeSpec, mapIndex: number): Parameters<typeof renderLocation>[1] {
     return { flow: this.spec.name, task: node.key, mapIndex, runId: this.runUuid, parameters: this.parameters };
   }
@@ -600,6 +617,7 @@ class FlowRun {
     };
     return {
       flowName: this.spec.name,
+      runId: this.runUuid,
       state: done.state,
       message: done.message,
       startMs: this.t0,
@@ -679,14 +697,30 @@ function safeCall(fn: () => void, key: string): void {
   }
 }
 
-/** The Success/Cached results of an earlier run, by (key, map index). */
-function restartResults(prev: FlowRunResult): Map<string, unknown> {
-  const m = new Map<string, unknown>();
+interface Restart {
+  /** `key\0mapIndex` of every task run that ended Success or Cached. */
+  succeeded: Set<string>;
+  /** Their results, when the earlier run kept them in memory. */
+  values: Map<string, unknown> | null;
+  runId: string | undefined;
+}
+
+function restartOf(prev: FlowRunResult | RestartRecord): Restart {
+  const succeeded = new Set<string>();
+  const inMemory = typeof (prev as FlowRunResult).result === 'function';
+  const values = inMemory ? new Map<string, unknown>() : null;
   for (const t of prev.tasks) {
     if (t.state !== 'Success' && t.state !== 'Cached') continue;
-    const all = prev.result(t.node) as unknown;
-    const v = t.mapIndex >= 0 ? (all as unknown[])[t.mapIndex] : all;
-    m.set(`${t.key}\u0000${t.mapIndex}`, v);
+    const key = `${t.key}\u0000${t.mapIndex}`;
+    succeeded.add(key);
+    if (values !== null) {
+      const p = prev as FlowRunResult;
+      const node = (t as TaskRunRecord).node;
+      const all = p.result(node) as unknown;
+      const v = t.mapIndex >= 0 ? (Array.isArray(all) ? all[t.mapIndex] : undefined) : all;
+      // Nothing in memory (keepResults: false, or a task that returned nothing): use the checkpoint, or run it again.
+      if (v !== undefined) values.set(key, v);
+    }
   }
-  return m;
+  return { succeeded, values, runId: prev.runId };
 }

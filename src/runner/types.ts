@@ -15,8 +15,13 @@ export interface RunOptions {
   tagLimits?: Record<string, number>;
   /** Directory for checkpointed results (templated locations are relative to it). Default `.weft/results`. */
   resultDir?: string;
-  /** Restart: reuse the Success/Cached results of an earlier run (its checkpoints); only the rest runs. */
-  restartFrom?: FlowRunResult;
+  /**
+   * Restart: tasks that ended Success/Cached in an earlier run are not run again. Their
+   * results come from that run's memory (a `FlowRunResult` that kept them) or from their
+   * checkpoint files (a `RestartRecord`, e.g. the `weft run --json` output of that run);
+   * a task with neither runs again. The earlier run's parameters apply unless overridden.
+   */
+  restartFrom?: FlowRunResult | RestartRecord;
   /** Cancels the run: running tasks are stopped, pending ones end Cancelled. */
   signal?: AbortSignal;
   /** Called at most every `progressIntervalMs` (default 100) and once at the end. */
@@ -28,6 +33,13 @@ export interface RunOptions {
   validate?: boolean;
   /** Keep task results in the returned object (default true). */
   keepResults?: boolean;
+}
+
+/** What a restart needs of an earlier run: its id (for `{runId}` in locations), parameters and task states. */
+export interface RestartRecord {
+  readonly runId?: string;
+  readonly parameters?: Readonly<Record<string, unknown>>;
+  readonly tasks: readonly { readonly key: string; readonly mapIndex: number; readonly state: TaskStateName }[];
 }
 
 export interface RunProgress {
@@ -71,6 +83,8 @@ export interface TaskRunRecord {
 
 export interface FlowRunResult {
   readonly flowName: string;
+  /** A fresh id per run (`{runId}` in result locations). */
+  readonly runId: string;
   readonly state: 'Success' | 'Failed' | 'Cancelled' | 'Paused';
   readonly message: string;
   readonly startMs: number;
