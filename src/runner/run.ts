@@ -93,8 +93,10 @@ const preview = (v: unknown): string => {
 
 /** A task defined in a closure cannot be found by a worker thread or process: say so before running. */
 function checkResolvable(spec: GraphSpec, executor: Executor): void {
+  const seen = new Set<string>();
   for (const n of spec.nodes) {
-    if (n.kind !== 'task') continue;
+    if (n.kind !== 'task' || seen.has(n.taskKey)) continue;
+    seen.add(n.taskKey);
     const def = getTask(n.taskKey);
     if (def === undefined) {
       throw new TaskResolutionError(`task "${n.key}" (${n.taskKey}) is not registered in this process`, n.key);
@@ -126,6 +128,11 @@ class FlowRun {
   private readonly resultDir: string;
   private readonly restart: Restart | null;
   private readonly hasHandlers: boolean;
+  /**
+   * Per spec node: 1 when its calls need the slow path (a result may already exist —
+   * restart, target, cache — or must be persisted after success: checkpoint, target, cache).
+   */
+  private readonly special: Uint8Array;
   private readonly t0 = now();
   private pumping = false;
   private pumpAgain = false;
@@ -154,6 +161,11 @@ class FlowRun {
     this.out = new Int32Array(4096);
     this.resultDir = opts.resultDir ?? '.weft/results';
     this.restart = opts.restartFrom ? restartOf(opts.restartFrom) : null;
+    this.special = new Uint8Array(spec.nodes.length);
+    for (let i = 0; i < spec.nodes.length; i++) {
+      const o = spec.nodes[i]!.options;
+      if (this.restart !== null || o.checkpoint || o.cacheForMs > 0 || o.result !== null) this.special[i] = 1;
+    }
   }
 
   async execute(): Promise<FlowRunResult> {
@@ -230,6 +242,7 @@ class FlowRun {
       if (slots <= 0) return; // outcomes free slots and pump again
       const k = core.takeReady(Math.min(slots, out.length), out);
       if (k === 0) return; // everything ready is waiting for a tag slot
+      this.ensureTimes(core.size);
       let batch: TaskCall[] | null = null;
       for (let j = 0; j < k; j++) {
         const call = this.prepare(out[j]!);
@@ -246,8 +259,36 @@ class FlowRun {
     const node = this.nodes[core.node[id]!]!;
     const runId = core.runId[id]!;
     const mapIndex = core.mapIndex[id]!;
+    if (node.kind !== 'task' || this.special[core.node[id]!] === 1) return this.settle(id, node, runId, mapIndex);
+    let args: unknown[];
+    try {
+      args = this.argsFor(id, node, mapIndex);
+    } catch (err) {
+      this.startMs[id] = now();
+      this.settleError(id, runId, err);
+      return null;
+    }
+    return {
+      id,
+      runId,
+      taskKey: node.taskKey,
+      key: node.key,
+      args,
+      timeoutMs: node.options.timeoutMs,
+      mapIndex,
+      attempt: core.attempts[id]!,
+      loopCount: core.loopCount[id]!,
+      loopResult: this.loopValues.get(id),
+    };
+  }
+
+  /**
+   * The slow path of `prepare`: parameters, inline nodes, tasks whose result may already
+   * exist (restart, target, cache) and arguments that fail to resolve.
+   */
+  private settle(id: number, node: NodeSpec, runId: number, mapIndex: number): TaskCall | null {
+    const core = this.core;
     const t = now();
-    this.ensureTimes(id);
     this.startMs[id] = t;
     if (node.kind === 'parameter') {
       this.results[id] = this.parameters[node.parameter!.name];
@@ -331,9 +372,9 @@ class FlowRun {
       this.endMs[id] = o.endMs > 0 ? o.endMs : now();
       if (o.worker !== undefined) this.workers.set(id, o.worker);
       if (o.status === 'ok') {
-        const node = this.nodes[core.node[id]!]!;
         this.results[id] = o.value;
-        if (node.options.checkpoint || node.options.cacheForMs > 0 || node.options.result !== null) {
+        if (this.special[core.node[id]!] === 1) {
+          const node = this.nodes[core.node[id]!]!;
           try {
             this.persist(id, node, o.value);
           } catch (err) {
@@ -461,6 +502,7 @@ class FlowRun {
 
   /** A node's value as its consumers see it: for a mapped node, the list of its children's results. */
   private valueOf(u: number): unknown {
+    if (!this.nodes[u]!.mapped) return this.results[u];
     const r = this.core.mapRange(u);
     if (r === undefined) return this.results[u];
     let list = this.lists.get(u);
@@ -537,10 +579,11 @@ class FlowRun {
 
   // --- reporting -------------------------------------------------------------------
 
-  private ensureTimes(id: number): void {
-    if (id < this.startMs.length) return;
+  /** Timing arrays cover every task id below `size` (typed arrays drop out-of-range writes silently). */
+  private ensureTimes(size: number): void {
+    if (size <= this.startMs.length) return;
     let n = this.startMs.length;
-    while (n <= id) n *= 2;
+    while (n < size) n *= 2;
     const s = new Float64Array(n);
     s.set(this.startMs);
     this.startMs = s;
