@@ -74,8 +74,9 @@ export function readResult(path: string, spec: ResultSpec | null): { found: true
   return { found: true, value: deserialize(readFileSync(path), spec) };
 }
 
+/** Whether a successful result is written to its location (or target). `task()` turns it on when a result spec is given. */
 export function wantsCheckpoint(node: NodeSpec): boolean {
-  return node.options.checkpoint || node.options.result?.location !== undefined;
+  return node.options.checkpoint;
 }
 
 // ---------------------------------------------------------------------------------

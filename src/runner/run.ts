@@ -243,9 +243,14 @@ class FlowRun {
       const k = core.takeReady(Math.min(slots, out.length), out);
       if (k === 0) return; // everything ready is waiting for a tag slot
       this.ensureTimes(core.size);
+      // One clock read per batch: the dispatch time stands in for a start time that the
+      // executor cannot report (a call that timed out, was cancelled or lost its worker).
+      const t = now();
       let batch: TaskCall[] | null = null;
       for (let j = 0; j < k; j++) {
-        const call = this.prepare(out[j]!);
+        const id = out[j]!;
+        this.startMs[id] = t;
+        const call = this.prepare(id);
         if (call !== null) (batch ??= []).push(call);
       }
       if (batch !== null) this.executor.submit(batch);
@@ -549,7 +554,7 @@ class FlowRun {
     const key = `${node.key}\u0000${mapIndex}`;
     if (!r.succeeded.has(key)) return { found: false };
     if (r.values !== null && r.values.has(key)) return { found: true, value: r.values.get(key) };
-    if (!wantsCheckpoint(node) && node.options.result?.target === undefined) return { found: false };
+    if (!wantsCheckpoint(node)) return { found: false };
     const o = node.options;
     const template = o.result?.target ?? o.result?.location ?? DEFAULT_LOCATION;
     const vars = { ...this.vars(node, mapIndex), runId: r.runId ?? this.runUuid };
@@ -567,7 +572,7 @@ class FlowRun {
   private persist(id: number, node: NodeSpec, value: unknown): void {
     const mapIndex = this.core.mapIndex[id]!;
     const opts = node.options;
-    if (wantsCheckpoint(node) || opts.result?.target !== undefined) {
+    if (wantsCheckpoint(node)) {
       const template = opts.result?.target ?? opts.result?.location ?? DEFAULT_LOCATION;
       writeResult(resolvePath(this.resultDir, renderLocation(template, this.vars(node, mapIndex))), value, opts.result);
     }
@@ -653,6 +658,8 @@ class FlowRun {
       if (msg !== undefined) {
         r.error = { name: r.state === 'TriggerFailed' ? 'TriggerFailed' : (err?.name ?? 'WeftError'), message: msg };
         if (err?.stack !== undefined) r.error.stack = err.stack;
+      } else if (r.state === 'Cancelled') {
+        r.error = err?.name === 'CancelledError' ? err : { name: 'CancelledError', message: 'cancelled: the run was cancelled' };
       } else if (err !== undefined && r.state !== 'Success' && r.state !== 'Cached') r.error = err;
       const w = workers.get(id);
       if (w !== undefined) r.worker = w;
