@@ -6,12 +6,14 @@
  * run function and the executor factory are injectable, so the harness is testable (and
  * usable) before the runner lands. The timing is the wall clock around `runFlow`: it
  * includes the executor's start and shutdown (threads, module imports), since every run
- * starts its own executor; `run_median_s` is the runner's own `durationMs` for comparison.
+ * starts its own executor — except `pool-warm`, one kept-alive pool that the warm-up run
+ * starts and the timed runs reuse (closed after the case); `run_median_s` is the
+ * runner's own `durationMs` for comparison.
  */
 import type { Executor } from '../src/executor/types.ts';
 import type { GraphSpec } from '../src/flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../src/runner/types.ts';
-import { createExecutor as defaultCreateExecutor, type ExecutorSettings } from './executors.ts';
+import { createExecutor as defaultCreateExecutor, releaseExecutors, type ExecutorSettings } from './executors.ts';
 import { analyzeWorkflow, graphName, loadWorkflow, lowerBoundS, replayGraph, type Scaling } from './replay.ts';
 import { independent, type BuiltShape } from './shapes.ts';
 import { collectGarbage, median, usPer } from './stats.ts';
@@ -92,6 +94,21 @@ async function timedRun(
  * the sink's value against the shape's expectation (a wrong answer is not a benchmark).
  */
 export async function benchShape(
+  built: BuiltShape,
+  executorName: string,
+  settings: ExecutorSettings,
+  runs: number,
+  deps: HarnessDeps,
+): Promise<ShapeResult> {
+  try {
+    return await shapeRuns(built, executorName, settings, runs, deps);
+  } finally {
+    // A warm pool (`pool-warm`) lives for one case: its start-up falls in the warm-up run.
+    if (deps.createExecutor === undefined) await releaseExecutors();
+  }
+}
+
+async function shapeRuns(
   built: BuiltShape,
   executorName: string,
   settings: ExecutorSettings,
@@ -205,6 +222,21 @@ export function taskSpanS(res: FlowRunResult): number {
 
 /** Replays one trace file on one executor: one warm-up, `runs` timed runs, medians. */
 export async function benchReplay(
+  file: string,
+  executorName: string,
+  settings: ExecutorSettings,
+  scaling: Scaling,
+  runs: number,
+  deps: HarnessDeps,
+): Promise<ReplayResult> {
+  try {
+    return await replayRuns(file, executorName, settings, scaling, runs, deps);
+  } finally {
+    if (deps.createExecutor === undefined) await releaseExecutors();
+  }
+}
+
+async function replayRuns(
   file: string,
   executorName: string,
   settings: ExecutorSettings,

@@ -2,6 +2,10 @@
  * One conformance suite for every Executor: each case drives an executor directly with
  * TaskCalls against the fixture module `fixtures/exec-tasks.ts`, the way the runner
  * does (submit at most `freeSlots()`, refill from `onOutcomes`).
+ *
+ * Cases that need a capability some executor lacks (a worker that can crash, a wire a
+ * value can fail to cross, ...) are registered only for the executors that have it, from
+ * the capability table below: nothing is reported as skipped.
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { LocalExecutor, PoolExecutor, type Executor, type Outcome, type TaskCall } from '../src/executor/index.ts';
@@ -10,11 +14,44 @@ import { MODULE, key } from './fixtures/exec-tasks.ts';
 
 type Mode = 'local' | 'threads' | 'processes';
 
-const factories: { name: string; mode: Mode; make: () => Executor }[] = [
-  { name: 'LocalExecutor', mode: 'local', make: () => new LocalExecutor() },
-  { name: 'PoolExecutor threads 2', mode: 'threads', make: () => new PoolExecutor({ threads: 2 }) },
-  { name: 'PoolExecutor processes 2', mode: 'processes', make: () => new PoolExecutor({ processes: 2 }) },
+/**
+ * What an executor can do beyond the common contract:
+ * - `wire`: arguments and results cross a serialization boundary (so some cannot).
+ * - `crash`: a task can kill its worker, which is replaced.
+ * - `sharedMemory`: tasks share a SharedArrayBuffer with the caller.
+ * - `warm`: `makeWarm()` builds one that keeps its workers across runs (`close()`).
+ */
+type Capability = 'wire' | 'crash' | 'sharedMemory' | 'warm';
+
+interface Factory {
+  name: string;
+  mode: Mode;
+  caps: readonly Capability[];
+  make: () => Executor;
+  makeWarm?: () => Executor;
+}
+
+const factories: Factory[] = [
+  { name: 'LocalExecutor', mode: 'local', caps: ['sharedMemory'], make: () => new LocalExecutor() },
+  {
+    name: 'PoolExecutor threads 2',
+    mode: 'threads',
+    caps: ['wire', 'crash', 'sharedMemory', 'warm'],
+    make: () => new PoolExecutor({ threads: 2 }),
+    makeWarm: () => new PoolExecutor({ threads: 2, keepAlive: true }),
+  },
+  {
+    name: 'PoolExecutor processes 2',
+    mode: 'processes',
+    caps: ['wire', 'crash', 'warm'],
+    make: () => new PoolExecutor({ processes: 2 }),
+    makeWarm: () => new PoolExecutor({ processes: 2, keepAlive: true }),
+  },
 ];
+
+/** A second module for warm-pool sessions: the fixture under another URL (a fresh module instance, its own task keys). */
+const MODULE2 = `${MODULE}?session=2`;
+const key2 = (name: string): string => `${MODULE2}#${name}`;
 
 const ALL_TASKS = [
   'noop', 'add', 'echo', 'ctx', 'asyncAdd', 'sleep', 'busy', 'boom', 'asyncBoom', 'skipWith',
@@ -50,9 +87,14 @@ class Driver {
 
   constructor(readonly ex: Executor) {}
 
-  async start(taskKeys = ALL_TASKS, modules = [MODULE], parameters: Record<string, unknown> = { p: 1 }): Promise<void> {
+  async start(
+    taskKeys = ALL_TASKS,
+    modules = [MODULE],
+    parameters: Record<string, unknown> = { p: 1 },
+    flowName = 'conformance',
+  ): Promise<void> {
     await this.ex.start({
-      flowName: 'conformance',
+      flowName,
       modules,
       taskKeys,
       parameters,
@@ -123,7 +165,9 @@ function errOf(o: Outcome): SerializedError & { data?: unknown } {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
+const handleKinds = (): string[] => process.getActiveResourcesInfo().filter((r) => r !== 'Timeout' && r !== 'Immediate');
+
+describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, makeWarm }) => {
   let ex: Executor | null = null;
   const open = async (...args: Parameters<Driver['start']>): Promise<Driver> => {
     ex = make();
@@ -133,8 +177,13 @@ describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
   };
   afterEach(async () => {
     await ex?.shutdown();
+    await ex?.close?.();
     ex = null;
   });
+  /** Registers the case only for executors with the capability. */
+  const itWith = (cap: Capability, name: string, fn: () => Promise<void>): void => {
+    if (caps.includes(cap)) it(name, fn);
+  };
 
   it('returns results for many calls, in any order, each with its id and runId', async () => {
     const d = await open();
@@ -195,7 +244,7 @@ describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
     expect((back as SkipSignal).data).toEqual({ rows: [1, 2], why: 'empty' });
   });
 
-  it.runIf(mode !== 'local')('fails only the task whose result cannot be sent', async () => {
+  itWith('wire', 'fails only the task whose result cannot be sent', async () => {
     const d = await open();
     // Warm the estimate so the three calls travel in one batch.
     await d.run([call('add', [0, 0]), call('unsendable', [])]);
@@ -207,7 +256,7 @@ describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
     expect(errOf(bad!).message).toMatch(/^result of task "unsendable" cannot be sent between (threads|processes): /);
   });
 
-  it.runIf(mode !== 'local')('fails only the call whose arguments cannot be sent', async () => {
+  itWith('wire', 'fails only the call whose arguments cannot be sent', async () => {
     const d = await open();
     await d.run([call('echo', [0])]);
     const [a, bad, b] = await d.run([call('echo', [1]), call('echo', [() => 2]), call('echo', [3])]);
@@ -277,7 +326,7 @@ describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
     expect(d.ex.freeSlots()).toBe(d.limit);
   });
 
-  it.runIf(mode !== 'local')('reports calls on a crashed worker as lost, replaces it, and keeps working', async () => {
+  itWith('crash', 'reports calls on a crashed worker as lost, replaces it, and keeps working', async () => {
     const d = await open();
     const [o] = await d.run([call('exit', [1])]);
     expect(o!.status).toBe('lost');
@@ -306,7 +355,7 @@ describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
     expect(d.ex.freeSlots()).toBe(cap);
   });
 
-  it.runIf(mode !== 'processes')('runs at most `workers` synchronous tasks at once', async () => {
+  itWith('sharedMemory', 'runs at most `workers` synchronous tasks at once', async () => {
     const d = await open();
     const sab = new SharedArrayBuffer(8);
     const outs = await d.run(Array.from({ length: 24 }, () => call('concurrency', [sab, 10])));
@@ -363,5 +412,87 @@ describe.each(factories)('Executor conformance: $name', ({ mode, make }) => {
     );
     expect(err2).toBeInstanceOf(TaskResolutionError);
     expect(err2!.message).toContain('no-such-module.ts');
+  });
+
+  itWith('warm', 'keeps its workers across runs: two sessions, different modules, then close() leaves nothing', async () => {
+    const before = handleKinds().length;
+    const warm = makeWarm!();
+    ex = warm;
+    // Session 1.
+    const d1 = new Driver(warm);
+    await d1.start([key('add'), key('ctx'), key('busy')]);
+    const first = await d1.run(Array.from({ length: 400 }, (_, i) => call('add', [i, 1])));
+    first.forEach((o, i) => expect(o.value).toBe(i + 1));
+    const names1 = new Set<string>();
+    for (let i = 0; i < 50 && names1.size < 2; i++) {
+      for (const o of await d1.run(Array.from({ length: 4 }, () => call('busy', [10])))) names1.add(o.worker!);
+    }
+    expect(names1.size).toBe(2);
+    await warm.shutdown();
+    await warm.shutdown(); // idempotent
+    expect(warm.freeSlots()).toBe(0);
+    expect(() => warm.submit([call('add', [1, 1])])).toThrow();
+
+    // Session 2: another module, flow name and parameters, on the same workers.
+    const d2 = new Driver(warm);
+    await d2.start([key2('add'), key2('ctx'), key2('busy')], [MODULE2], { p: 2 }, 'second');
+    expect(d2.limit).toBe(d1.limit);
+    const again = await d2.run(Array.from({ length: 400 }, (_, i) => call('add', [i, 2], { taskKey: key2('add') })));
+    again.forEach((o, i) => {
+      expect(o.status).toBe('ok');
+      expect(o.value).toBe(i + 2);
+    });
+    const [c] = await d2.run([call('ctx', [], { taskKey: key2('ctx'), key: 'ctx2' })]);
+    expect(c!.value).toMatchObject({ flowName: 'second', key: 'ctx2', parameters: { p: 2 } });
+    const names2 = new Set<string>();
+    for (let i = 0; i < 50 && names2.size < 2; i++) {
+      const many = await d2.run(Array.from({ length: 4 }, () => call('busy', [10], { taskKey: key2('busy') })));
+      for (const o of many) names2.add(o.worker!);
+    }
+    expect([...names2].sort()).toEqual([...names1].sort());
+    await warm.shutdown();
+
+    // Session 3 names a key that does not resolve: start() rejects, the pool stays usable.
+    const err = await new Driver(warm).start([key2('add'), key2('nope')]).then(
+      () => null,
+      (e: unknown) => e as Error,
+    );
+    expect(err).toBeInstanceOf(TaskResolutionError);
+    expect(err!.message).toContain('"nope"');
+    const d4 = new Driver(warm);
+    await d4.start([key('add')]);
+    const [o4] = await d4.run([call('add', [20, 22])]);
+    expect(o4!.value).toBe(42);
+    expect(names1.has(o4!.worker!)).toBe(true);
+
+    await warm.close!();
+    await warm.close!(); // idempotent
+    await expect(warm.start({ flowName: 'x', modules: [], taskKeys: [], parameters: {}, onOutcomes: () => {} })).rejects.toThrow();
+    await sleep(50);
+    const kinds = process.getActiveResourcesInfo();
+    expect(kinds).not.toContain('MessagePort');
+    expect(kinds).not.toContain('ProcessWrap');
+    expect(handleKinds().length).toBeLessThanOrEqual(before);
+  });
+
+  itWith('warm', 'ends a session while a call runs: the busy worker is replaced, the next session runs', async () => {
+    const warm = makeWarm!();
+    ex = warm;
+    const d1 = new Driver(warm);
+    await d1.start([key('busy'), key('add')]);
+    const stuck = call('busy', [10_000]);
+    void d1.run([stuck]).catch(() => {});
+    await sleep(200);
+    const t0 = Date.now();
+    await warm.shutdown();
+    const d2 = new Driver(warm);
+    await d2.start([key('add')]);
+    const outs = await d2.run(Array.from({ length: 100 }, (_, i) => call('add', [i, 3])));
+    outs.forEach((o, i) => expect(o.value).toBe(i + 3));
+    expect(Date.now() - t0).toBeLessThan(8_000);
+    // Nothing of session 1 reaches session 2.
+    expect(d2.outcomes.has(stuck.id)).toBe(false);
+    expect(d1.outcomes.has(stuck.id)).toBe(false);
+    await warm.close!();
   });
 });

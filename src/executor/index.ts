@@ -3,7 +3,8 @@
  *
  * - `LocalExecutor`: in this thread, one call after another (debugging, tiny tasks).
  * - `PoolExecutor`: a local pool of worker threads (piscina) or child processes, calls
- *   moved in adaptive batches.
+ *   moved in adaptive batches. `keepAlive: true` keeps the workers up across runs (a
+ *   warm pool: each run's `shutdown()` ends only its session; `close()` ends the pool).
  */
 export type { Executor, ExecutorSession, Outcome, OutcomeStatus, TaskCall } from './types.ts';
 export { LocalExecutor, type LocalExecutorOptions } from './local.ts';

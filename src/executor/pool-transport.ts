@@ -8,9 +8,9 @@ import { fork, type ChildProcess } from 'node:child_process';
 import { MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
 import type { Piscina } from 'piscina';
-import type { FromWorker, RunMsg, WorkerInit } from './pool-protocol.ts';
+import type { FromWorker, ToWorker } from './pool-protocol.ts';
 
-/** The pool worker entry: registers tsx, then loads `pool-worker.ts`. */
+/** The pool worker entry: registers tsx's loader hooks, then loads `pool-worker.ts`. */
 export const BOOTSTRAP = fileURLToPath(new URL('./pool-bootstrap.mjs', import.meta.url));
 
 export interface WorkerEvents {
@@ -22,8 +22,8 @@ export interface WorkerEvents {
 export interface WorkerLink {
   /** Unique per spawn (a replacement gets a new serial): outcomes are checked against it. */
   readonly serial: number;
-  /** Throws a clone error synchronously when the message cannot be serialized. */
-  send(msg: RunMsg, transfer: ArrayBuffer[]): void;
+  /** Throws a clone error synchronously when the message cannot be serialized. Messages sent before the worker is up wait for it. */
+  send(msg: ToWorker, transfer: ArrayBuffer[]): void;
   /** Stop the worker now (terminate the thread / SIGKILL the process). */
   kill(): void;
   /** Orderly end; resolves when the worker is gone. */
@@ -40,19 +40,18 @@ export class ThreadLink implements WorkerLink {
   constructor(
     readonly serial: number,
     pool: Piscina,
-    init: WorkerInit,
     private readonly events: WorkerEvents,
   ) {
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
     port1.on('message', (msg: FromWorker) => events.onMessage(this, msg));
-    this.done = pool.run({ ...init, port: port2 }, { transferList: [port2], signal: this.ac.signal }).then(
+    this.done = pool.run({ port: port2 }, { transferList: [port2], signal: this.ac.signal }).then(
       () => this.exit('worker stopped'),
       (err: unknown) => this.exit(err instanceof Error ? err.message : String(err)),
     );
   }
 
-  send(msg: RunMsg, transfer: ArrayBuffer[]): void {
+  send(msg: ToWorker, transfer: ArrayBuffer[]): void {
     this.port.postMessage(msg, transfer);
   }
 
@@ -91,7 +90,6 @@ export class ProcessLink implements WorkerLink {
 
   constructor(
     readonly serial: number,
-    init: WorkerInit,
     execArgv: string[],
     private readonly events: WorkerEvents,
   ) {
@@ -113,10 +111,9 @@ export class ProcessLink implements WorkerLink {
         resolve();
       });
     });
-    child.send({ op: 'init', ...init });
   }
 
-  send(msg: RunMsg): void {
+  send(msg: ToWorker): void {
     if (this.child.connected) this.child.send(msg);
   }
 

@@ -3,8 +3,13 @@
  * long-lived piscina task serving a MessagePort) and in every pool child process
  * (serving the IPC channel). Same code, same protocol (`pool-protocol.ts`).
  *
+ * Sessions: the worker outlives one flow run when the pool is kept alive: each run opens
+ * with a session message (import the run's modules, check its task keys, take its flow
+ * name and parameters); the task table persists, so indices stay valid across runs.
+ *
  * Hot loop: for each call of a batch, look up the function by its wire index, set the
- * task context, call it, and write the outcome into columnar buffers; one message per
+ * task context, call it with its arguments straight from the flat column, and write the
+ * outcome into columnar buffers; one message per
  * batch (or every FLUSH_MS while a batch of slow tasks runs, so progress streams). An
  * async task (returns a thenable) does not hold the batch: its outcome joins a later
  * flush when it settles.
@@ -13,18 +18,25 @@ import type { MessagePort } from 'node:worker_threads';
 import { threadId } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { getTask } from '../flow/registry.ts';
-import { loadTasks, taskNameOf, type TaskFn } from './pool-tasks.ts';
+import { loadTasks, resolveTask, taskNameOf, type TaskFn } from './pool-tasks.ts';
 import { setCurrentContext, type TaskContext } from '../flow/context.ts';
 import { serializeError, TaskResolutionError, TaskSerializationError, type SerializedError } from '../errors.ts';
 import {
   CALL_STRIDE,
+  C_ARGC,
+  C_ATTEMPT,
+  C_KEYLEN,
+  C_LOOP,
+  C_MAP,
+  C_SLOT,
+  C_TASK,
   ST_ERROR,
   ST_OK,
   type DoneMsg,
   type FromWorker,
   type RunMsg,
+  type SessionMsg,
   type ToWorker,
-  type WorkerInit,
 } from './pool-protocol.ts';
 
 /** Flush outcomes at least this often while a batch is running (ms). */
@@ -72,7 +84,7 @@ class OutBuf {
   }
 }
 
-/** Serves one worker (thread or process) once its tasks are loaded. */
+/** Serves one worker (thread or process): one session at a time, batches of calls. */
 class WorkerRuntime {
   private readonly out = new OutBuf();
   private flushQueued = false;
@@ -80,25 +92,68 @@ class WorkerRuntime {
   private readonly origin = performance.timeOrigin;
   private readonly ctx: Mutable<TaskContext>;
   private readonly sendsBuffers: boolean;
-  private readonly between: string;
+  private between = 'threads';
+  /** Task table: index on the wire → key / function (kept across sessions). */
+  private readonly taskKeys: string[] = [];
+  private readonly fns: TaskFn[] = [];
+  /** Sessions open in order; a later one supersedes a slower earlier one. */
+  private opening = 0;
 
   constructor(
-    private readonly fns: TaskFn[],
-    private readonly taskKeys: string[],
-    init: WorkerInit,
     private readonly post: Post,
+    private readonly workerName: string,
+    threads: boolean,
   ) {
-    this.ctx = {
-      flowName: init.flowName,
-      key: '',
-      mapIndex: -1,
-      attempt: 1,
-      loopCount: 0,
-      loopResult: undefined,
-      parameters: init.parameters,
-    };
-    this.sendsBuffers = init.mode === 'threads';
-    this.between = init.mode === 'threads' ? 'threads' : 'processes';
+    this.ctx = { flowName: '', key: '', mapIndex: -1, attempt: 1, loopCount: 0, loopResult: undefined, parameters: {} };
+    this.sendsBuffers = threads;
+  }
+
+  handle(msg: ToWorker): void {
+    if (msg.op === 'run') this.run(msg);
+    else if (msg.op === 'session') void this.open(msg);
+  }
+
+  /** Open a session: import its modules (cached after the first time), resolve its keys, report. */
+  private async open(msg: SessionMsg): Promise<void> {
+    const mine = ++this.opening;
+    // Table entries first (synchronously, so that indices stay in step whatever happens
+    // next); their functions once the modules are in.
+    const first = this.taskKeys.length;
+    for (const k of msg.newKeys) {
+      this.taskKeys.push(k);
+      this.fns.push(unresolved(k));
+    }
+    let error: SerializedError | null = null;
+    try {
+      await loadTasks(msg.modules, []);
+    } catch (err) {
+      error = serializeError(err);
+    }
+    for (let i = first; i < this.taskKeys.length; i++) {
+      const k = this.taskKeys[i]!;
+      // An unknown key fails its calls, not the worker.
+      this.fns[i] = (getTask(k)?.fn ?? unresolved(k)) as TaskFn;
+    }
+    if (mine !== this.opening) return;
+    if (error === null) {
+      for (const i of msg.check) {
+        const k = this.taskKeys[i]!;
+        try {
+          this.fns[i] = resolveTask(k);
+        } catch (err) {
+          error = serializeError(err);
+          break;
+        }
+      }
+    }
+    if (error !== null) {
+      this.post({ op: 'startError', epoch: msg.epoch, error }, []);
+      return;
+    }
+    this.ctx.flowName = msg.flowName;
+    this.ctx.parameters = msg.parameters;
+    this.between = msg.mode;
+    this.post({ op: 'ready', epoch: msg.epoch, worker: this.workerName }, []);
   }
 
   /** Run a batch: synchronous tasks inline, async ones settle later. */
@@ -106,36 +161,58 @@ class WorkerRuntime {
     if (msg.newKeys !== undefined) {
       for (const k of msg.newKeys) {
         this.taskKeys.push(k);
-        // An unknown key fails its calls (below), not the worker.
         this.fns.push((getTask(k)?.fn ?? unresolved(k)) as TaskFn);
       }
     }
-    const { ints, keys, args, loopResults } = msg;
-    const n = keys.length;
+    const { ints, names, loopResults } = msg;
+    const a: ArrayLike<unknown> = msg.nums ?? msg.args ?? EMPTY;
+    const n = ints.length / CALL_STRIDE;
     const fns = this.fns;
     const ctx = this.ctx;
     const out = this.out;
     const origin = this.origin;
     let t0 = performance.now();
     if (this.lastFlush === 0) this.lastFlush = t0;
+    let ko = 0;
+    let ao = 0;
     for (let i = 0, j = 0; i < n; i++, j += CALL_STRIDE) {
-      const slot = ints[j]!;
-      const fn = fns[ints[j + 1]!]!;
-      const key = keys[i]!;
+      const slot = ints[j + C_SLOT]!;
+      const fn = fns[ints[j + C_TASK]!]!;
+      const kl = ints[j + C_KEYLEN]!;
+      const key = names.slice(ko, ko + kl);
+      ko += kl;
       ctx.key = key;
-      ctx.mapIndex = ints[j + 2]!;
-      ctx.attempt = ints[j + 3]!;
-      ctx.loopCount = ints[j + 4]!;
+      ctx.mapIndex = ints[j + C_MAP]!;
+      ctx.attempt = ints[j + C_ATTEMPT]!;
+      ctx.loopCount = ints[j + C_LOOP]!;
       ctx.loopResult = loopResults === undefined ? undefined : loopResults[i];
       setCurrentContext(ctx);
+      const argc = ints[j + C_ARGC]!;
       let status = ST_OK;
       let value: unknown;
       try {
-        value = fn(...args[i]!);
+        // No argument array per call: the common arities call straight from the column.
+        switch (argc) {
+          case 0:
+            value = fn();
+            break;
+          case 1:
+            value = fn(a[ao]);
+            break;
+          case 2:
+            value = fn(a[ao], a[ao + 1]);
+            break;
+          case 3:
+            value = fn(a[ao], a[ao + 1], a[ao + 2]);
+            break;
+          default:
+            value = fn(...Array.prototype.slice.call(a, ao, ao + argc));
+        }
       } catch (err) {
         status = ST_ERROR;
         value = serializeError(err);
       }
+      ao += argc;
       if (status === ST_OK && typeof value === 'object' && value !== null) {
         if (typeof (value as PromiseLike<unknown>).then === 'function') {
           this.awaitCall(slot, key, value as PromiseLike<unknown>, t0 + origin);
@@ -205,9 +282,15 @@ class WorkerRuntime {
     out.keys = [];
     out.transfer = [];
     this.lastFlush = performance.now();
-    const msg: DoneMsg = { op: 'done', slots, status, values, times };
+    const cols = [slots.buffer, status.buffer, times.buffer];
+    const packed = packValues(values, status, n);
+    if (packed !== null) {
+      this.post({ op: 'done', slots, status, times, ...packed }, cols);
+      return;
+    }
+    const msg: DoneMsg = { op: 'done', slots, status, times, values };
     try {
-      this.post(msg, transfer.length === 0 ? [slots.buffer, status.buffer, times.buffer] : [slots.buffer, status.buffer, times.buffer, ...transfer]);
+      this.post(msg, transfer.length === 0 ? cols : [...cols, ...transfer]);
     } catch (err) {
       if (!isCloneError(err)) throw err;
       // Find the culprits one by one; fail only them.
@@ -229,9 +312,25 @@ class WorkerRuntime {
           }
         }
       }
-      this.post(msg, [slots.buffer, status.buffer, times.buffer, ...transfer]);
+      this.post(msg, [...cols, ...transfer]);
     }
   }
+}
+
+const EMPTY: readonly unknown[] = [];
+
+/** The compact forms of a batch's values: all numbers, or all null / all undefined; null when mixed. */
+function packValues(values: unknown[], status: Uint8Array, n: number): { nums: Float64Array } | { fill?: null } | null {
+  const v0 = values[0];
+  if (typeof v0 === 'number') {
+    for (let i = 0; i < n; i++) if (status[i] !== ST_OK || typeof values[i] !== 'number') return null;
+    return { nums: Float64Array.from(values as number[]) };
+  }
+  if (v0 === null || v0 === undefined) {
+    for (let i = 0; i < n; i++) if (status[i] !== ST_OK || values[i] !== v0) return null;
+    return v0 === null ? { fill: null } : {};
+  }
+  return null;
 }
 
 function unresolved(key: string): TaskFn {
@@ -253,35 +352,24 @@ function isCloneError(err: unknown): boolean {
 
 // ---- threads: one long-lived piscina task per worker ------------------------------
 
-export interface ThreadTask extends WorkerInit {
+export interface ThreadTask {
   readonly port: MessagePort;
 }
 
 /**
- * The piscina task: prepare, report ready (or the start error), then serve the port
- * until a 'stop' message. Resolves when stopped; an aborted task is a terminated thread.
+ * The piscina task: serve the port (sessions, batches) until a 'stop' message. Resolves
+ * when stopped; an aborted task is a terminated thread.
  */
-export async function serveThread(task: ThreadTask): Promise<void> {
+export function serveThread(task: ThreadTask): Promise<void> {
   const { port } = task;
-  const post: Post = (msg, transfer) => port.postMessage(msg, transfer);
-  let fns: TaskFn[];
-  try {
-    fns = await loadTasks(task.modules, task.taskKeys);
-  } catch (err) {
-    post({ op: 'startError', error: serializeError(err) }, []);
-    port.close();
-    return;
-  }
-  const rt = new WorkerRuntime(fns, [...task.taskKeys], task, post);
-  await new Promise<void>((resolve) => {
+  const rt = new WorkerRuntime((msg, transfer) => port.postMessage(msg, transfer), `thread-${threadId}`, true);
+  return new Promise<void>((resolve) => {
     port.on('message', (msg: ToWorker) => {
-      if (msg.op === 'run') rt.run(msg);
-      else if (msg.op === 'stop') {
+      if (msg.op === 'stop') {
         port.close();
         resolve();
-      }
+      } else rt.handle(msg);
     });
-    post({ op: 'ready', worker: `thread-${threadId}` }, []);
   });
 }
 
@@ -291,26 +379,13 @@ export async function serveThread(task: ThreadTask): Promise<void> {
 export function serveProcess(): void {
   const send = process.send?.bind(process);
   if (send === undefined) throw new Error('weft pool child started without an IPC channel');
-  const post: Post = (msg) => {
-    send(msg);
-  };
-  let rt: WorkerRuntime | null = null;
+  const rt = new WorkerRuntime((msg) => void send(msg), `process-${process.pid}`, false);
   process.on('message', (m: unknown) => {
     const msg = m as ToWorker;
-    if (msg.op === 'run') rt?.run(msg);
-    else if (msg.op === 'init') {
-      loadTasks(msg.modules, msg.taskKeys).then(
-        (fns) => {
-          rt = new WorkerRuntime(fns, [...msg.taskKeys], msg, post);
-          post({ op: 'ready', worker: `process-${process.pid}` }, []);
-        },
-        (err: unknown) => post({ op: 'startError', error: serializeError(err) }, []),
-      );
-    } else if (msg.op === 'stop') {
-      // Not process.disconnect(): with a send still queued Node 20 throws inside its IPC
-      // internals. Nothing is left to deliver once the pool says stop.
-      process.exit(0);
-    }
+    // Not process.disconnect(): with a send still queued Node 20 throws inside its IPC
+    // internals. Nothing is left to deliver once the pool says stop.
+    if (msg.op === 'stop') process.exit(0);
+    else rt.handle(msg);
   });
   // The parent went away: nothing left to serve.
   process.on('disconnect', () => process.exit(0));

@@ -82,4 +82,11 @@ export interface Executor {
   cancel(ids: readonly number[]): void;
   /** End the run: stop workers, release resources. Idempotent. */
   shutdown(): Promise<void>;
+  /**
+   * Executors that can outlive one run (a warm pool, a cluster client): release
+   * everything, workers included. `shutdown()` on such an executor ends only the run,
+   * and a later `start()` opens the next one on the same workers. Idempotent; absent on
+   * executors whose `shutdown()` already releases everything.
+   */
+  close?(): Promise<void>;
 }
