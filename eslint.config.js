@@ -2,7 +2,7 @@ import tseslint from 'typescript-eslint';
 import importX from 'eslint-plugin-import-x';
 
 export default tseslint.config(
-  { ignores: ['node_modules/**', 'dist/**', 'native/build/**', 'coverage/**'] },
+  { ignores: ['node_modules/**', 'dist/**', 'native/build/**', 'coverage/**', '.weft/**'] },
   ...tseslint.configs.recommended,
   {
     files: ['**/*.ts'],

@@ -2,35 +2,62 @@
  * Micro-benchmarks of the scheduler core alone (no executor, no runner): how many state
  * transitions per second it makes, and how many bytes per task it holds.
  *
- *   node --import tsx bench/core.micro.ts                 # all suites
- *   node --expose-gc --import tsx bench/core.micro.ts     # plus a heap delta per task at 1M
+ *   node --expose-gc --import tsx bench/core.micro.ts             # all suites, 7 runs each
+ *   node --expose-gc --import tsx bench/core.micro.ts --runs 9    # more runs
+ *   node --import tsx bench/core.micro.ts --n 10000               # smaller (independent n; the rest scale)
+ *   weft bench --micro   (= --shape core)                         # the same, from the CLI
  *
- * Each benchmark.js op is one whole run of a prebuilt graph: construct the core, start(),
- * then takeReady in batches of 512 and success() each task until done. A plain success is
- * three transitions (pending -> ready -> running -> success), so transitions/s =
- * ops/s x tasks x 3 (counted that way rather than with onTransition, which would slow the
- * hot path it measures). Graph construction is outside the timed op.
+ * One run of a suite = construct the core over a prebuilt graph (timed apart), then
+ * start(), takeReady in batches of 512 and success() each task until done (the run loop).
+ * Transitions are the core's own count of state changes (`core.transitions`: a plain
+ * task makes 3, pending -> ready -> running -> success), checked against 3 x tasks.
+ *
+ * Reported per suite, as medians of R timed runs (R >= 5) after warm-up runs (JIT):
+ * construction µs/task, transitions/s of the run loop alone ("excl." construction) and of
+ * construction + loop ("incl."). Small suites repeat the run inside one sample so a
+ * sample lasts >= ~40 ms (timer and GC noise), and report per-run figures. With
+ * `--expose-gc` a full GC precedes each suite's samples (untimed; GCs during the samples
+ * are the run's own) and the 1M suite also reports the heap delta per task (heapUsed +
+ * arrayBuffers, core kept alive). The "cpu" columns
+ * give the same rates from process CPU time, which a loaded machine disturbs less (time
+ * spent preempted is not charged); the wall-clock columns are the headline figures.
  *
  * Targets: >= 5M transitions/s; <= 200 bytes per task at 1M tasks.
  */
-import Benchmark from 'benchmark';
 import { pathToFileURL } from 'node:url';
 import type { GraphSpec, NodeSpec } from '../src/flow/spec.ts';
 import { taskOptions } from '../src/flow/defaults.ts';
 import { SchedulerCore } from '../src/scheduler/core.ts';
-import { collectGarbage, fmt, parseCount, table } from './stats.ts';
+import { collectGarbage, fmt, median, parseCount, table } from './stats.ts';
 
 export interface Row {
   readonly name: string;
   readonly tasks: number;
-  /** benchmark.js mean ops/s (one op = one whole run) and its relative margin of error (%). */
-  readonly opsPerS: number;
-  readonly rme: number;
+  /** Timed samples (each the median basis) and core runs per sample. */
   readonly samples: number;
-  readonly transitionsPerS: number;
+  readonly repsPerSample: number;
+  /** State changes of one run (core.transitions). */
+  readonly transitions: number;
+  /** Medians per run, milliseconds. */
+  readonly constructMs: number;
+  readonly loopMs: number;
+  readonly totalMs: number;
+  readonly constructUsPerTask: number;
+  /** transitions / loop time: the run loop alone. */
+  readonly transitionsPerSExcl: number;
+  /** transitions / (construction + loop). */
+  readonly transitionsPerSIncl: number;
+  /** Spread of the loop samples: (max - min) / median, %. */
+  readonly spreadPct: number;
+  /**
+   * The same two rates from process CPU time (user + system, all threads) instead of wall
+   * time: on a loaded machine, time spent preempted is not charged (GC helper threads are).
+   */
+  readonly cpuTransitionsPerSExcl: number;
+  readonly cpuTransitionsPerSIncl: number;
   /** `core.bytes() / size` after the run. */
   readonly coreBytesPerTask: number;
-  /** heapUsed + arrayBuffers delta per task across one run (needs --expose-gc), else NaN. */
+  /** heapUsed + arrayBuffers delta per task across one run (1M suite, needs --expose-gc), else NaN. */
   readonly heapBytesPerTask: number;
 }
 
@@ -92,9 +119,8 @@ export function tree(leaves: number): GraphSpec {
 
 const out = new Int32Array(BATCH);
 
-/** One whole run: every task dispatched in batches and succeeded. Returns the finished core. */
-export function runToEnd(s: GraphSpec): SchedulerCore {
-  const core = new SchedulerCore(s);
+/** The run loop: start, then every task dispatched in batches and succeeded. */
+export function runLoop(core: SchedulerCore): void {
   core.start();
   for (;;) {
     const k = core.takeReady(BATCH, out);
@@ -104,11 +130,24 @@ export function runToEnd(s: GraphSpec): SchedulerCore {
       core.success(id, core.runId[id]!);
     }
   }
+}
+
+function checkFinished(s: GraphSpec, core: SchedulerCore): void {
   const ins = core.instructions;
   const last = ins[ins.length - 1];
   if (core.size !== s.nodes.length || last?.op !== 'done' || last.state !== 'Success') {
     throw new Error(`${s.name}: the run did not finish (${JSON.stringify(last)})`);
   }
+  if (core.transitions !== 3 * s.nodes.length) {
+    throw new Error(`${s.name}: ${core.transitions} transitions for ${s.nodes.length} plain tasks (expected 3 each)`);
+  }
+}
+
+/** One whole run (construction + loop), checked. Returns the finished core. */
+export function runToEnd(s: GraphSpec): SchedulerCore {
+  const core = new SchedulerCore(s);
+  runLoop(core);
+  checkFinished(s, core);
   return core;
 }
 
@@ -117,9 +156,11 @@ function memUsed(): number {
   return m.heapUsed + m.arrayBuffers;
 }
 
+const hasGc = (): boolean => typeof (globalThis as { gc?: unknown }).gc === 'function';
+
 /** heapUsed + arrayBuffers delta per task of one run with the core kept alive (NaN without --expose-gc). */
 function heapPerTask(s: GraphSpec): number {
-  if (typeof (globalThis as { gc?: unknown }).gc !== 'function') return NaN;
+  if (!hasGc()) return NaN;
   collectGarbage();
   const before = memUsed();
   const core = runToEnd(s);
@@ -133,70 +174,181 @@ function heapPerTask(s: GraphSpec): number {
 interface Case {
   readonly name: string;
   readonly spec: GraphSpec;
-  readonly options: Benchmark.Options;
+  /** Report the heap delta per task (the big suite). */
+  readonly heap: boolean;
 }
 
-function measure(c: Case): Promise<Row> {
-  return new Promise((resolve, reject) => {
-    const s = c.spec;
-    const bench = new Benchmark(c.name, () => void runToEnd(s), {
-      ...c.options,
-      onComplete() {
-        if (bench.error !== undefined && bench.error !== null) {
-          reject(bench.error as Error);
-          return;
-        }
-        const core = runToEnd(s);
-        const tasks = s.nodes.length;
-        resolve({
-          name: c.name,
-          tasks,
-          opsPerS: bench.hz,
-          rme: bench.stats.rme,
-          samples: bench.stats.sample.length,
-          transitionsPerS: bench.hz * tasks * 3,
-          coreBytesPerTask: core.bytes() / core.size,
-          heapBytesPerTask: heapPerTask(s),
-        });
-      },
-    });
-    bench.run({ async: false });
-  });
+/** One sample: `reps` runs, construction and loop timed apart (ms, summed). */
+interface Sample {
+  ctor: number;
+  loop: number;
+  cpuCtor: number;
+  cpuLoop: number;
+  transitions: number;
 }
 
-/** The four suites; `scale` < 1 shrinks them (for a quick smoke run). */
-export async function coreMicro(scale = 1): Promise<Row[]> {
+const cpuMs = (): number => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1000;
+};
+
+function sample(s: GraphSpec, reps: number): Sample {
+  const x: Sample = { ctor: 0, loop: 0, cpuCtor: 0, cpuLoop: 0, transitions: 0 };
+  for (let r = 0; r < reps; r++) {
+    const c0 = cpuMs();
+    const t0 = performance.now();
+    const core = new SchedulerCore(s);
+    const t1 = performance.now();
+    const c1 = cpuMs();
+    runLoop(core);
+    const t2 = performance.now();
+    const c2 = cpuMs();
+    x.ctor += t1 - t0;
+    x.loop += t2 - t1;
+    x.cpuCtor += c1 - c0;
+    x.cpuLoop += c2 - c1;
+    checkFinished(s, core);
+    x.transitions = core.transitions;
+  }
+  return x;
+}
+
+const SAMPLE_MS = 40;
+const WARMUP_MS = 300;
+
+function measure(c: Case, runs: number): Row {
+  const s = c.spec;
+  // Warm up (the JIT settles) for >= WARMUP_MS and >= 2 runs; the last run sizes the samples.
+  let last = 0;
+  const w0 = performance.now();
+  for (let i = 0; i < 2 || performance.now() - w0 < WARMUP_MS; i++) {
+    const t = performance.now();
+    runToEnd(s);
+    last = performance.now() - t;
+  }
+  const reps = Math.max(1, Math.ceil(SAMPLE_MS / Math.max(last, 0.01)));
+  // One full GC before the samples, none between them: a forced GC throws away the core's
+  // optimised code (V8 deopts code whose embedded objects died: "weak objects"), so a GC
+  // per sample would time half-warm code on a busy machine, where the background compiler
+  // is slow to re-optimise. Re-warm after it.
+  collectGarbage();
+  if (last < 100) for (let i = 0; i < 3; i++) runToEnd(s);
+  const ctor: number[] = [];
+  const loop: number[] = [];
+  const total: number[] = [];
+  const cpuLoop: number[] = [];
+  const cpuTotal: number[] = [];
+  let transitions = 0;
+  for (let i = 0; i < runs; i++) {
+    const x = sample(s, reps);
+    ctor.push(x.ctor / reps);
+    loop.push(x.loop / reps);
+    total.push((x.ctor + x.loop) / reps);
+    cpuLoop.push(x.cpuLoop / reps);
+    cpuTotal.push((x.cpuCtor + x.cpuLoop) / reps);
+    transitions = x.transitions;
+  }
+  const core = runToEnd(s);
+  const loopMs = median(loop);
+  const totalMs = median(total);
+  const constructMs = median(ctor);
+  return {
+    name: c.name,
+    tasks: s.nodes.length,
+    samples: runs,
+    repsPerSample: reps,
+    transitions,
+    constructMs,
+    loopMs,
+    totalMs,
+    constructUsPerTask: (constructMs * 1000) / s.nodes.length,
+    transitionsPerSExcl: transitions / (loopMs / 1000),
+    transitionsPerSIncl: transitions / (totalMs / 1000),
+    spreadPct: (100 * (Math.max(...loop) - Math.min(...loop))) / loopMs,
+    cpuTransitionsPerSExcl: transitions / (median(cpuLoop) / 1000),
+    cpuTransitionsPerSIncl: transitions / (median(cpuTotal) / 1000),
+    coreBytesPerTask: core.bytes() / core.size,
+    heapBytesPerTask: c.heap ? heapPerTask(s) : NaN,
+  };
+}
+
+export interface MicroOptions {
+  /** < 1 shrinks every suite (a quick smoke run). */
+  scale?: number;
+  /** Timed samples per suite (>= 5 for a report; default 7). */
+  runs?: number;
+  /** Progress lines (the CLI sends them to stderr). */
+  log?: (line: string) => void;
+}
+
+/** The four suites: independent 100k, tree 16,384 leaves, chain 10k, tree 500k leaves (~1M tasks). */
+export function coreMicro(opts: MicroOptions = {}): Row[] {
+  const scale = opts.scale ?? 1;
+  const runs = opts.runs ?? 7;
+  if (!Number.isSafeInteger(runs) || runs < 1) throw new RangeError(`runs must be an integer >= 1 (got ${runs})`);
   const sz = (n: number): number => Math.max(2, Math.round(n * scale));
-  const quick: Benchmark.Options = { minSamples: 10, maxTime: 3 };
-  const cases: Case[] = [
-    { name: `independent ${fmt(sz(100_000))}`, spec: independent(sz(100_000)), options: quick },
-    { name: `tree ${fmt(sz(16_384))} leaves`, spec: tree(sz(16_384)), options: quick },
-    { name: `chain ${fmt(sz(10_000))}`, spec: chain(sz(10_000)), options: quick },
-    { name: `tree ${fmt(sz(500_000))} leaves (~1M tasks)`, spec: tree(sz(500_000)), options: { minSamples: 3, maxTime: 8, initCount: 1 } },
+  const num = (n: number): string => n.toLocaleString('en-US');
+  const cases: (() => Case)[] = [
+    () => ({ name: `independent ${num(sz(100_000))}`, spec: independent(sz(100_000)), heap: false }),
+    () => ({ name: `tree ${num(sz(16_384))} leaves`, spec: tree(sz(16_384)), heap: false }),
+    () => ({ name: `chain ${num(sz(10_000))}`, spec: chain(sz(10_000)), heap: false }),
+    () => ({ name: `tree ${num(sz(500_000))} leaves${scale === 1 ? ' (~1M tasks)' : ''}`, spec: tree(sz(500_000)), heap: true }),
   ];
   const rows: Row[] = [];
-  for (const c of cases) rows.push(await measure(c));
+  for (const make of cases) {
+    const c = make(); // one graph alive at a time
+    opts.log?.(`core micro: ${c.name} (${runs} samples)`);
+    rows.push(measure(c, runs));
+  }
   return rows;
 }
 
 export function formatRows(rows: readonly Row[]): string {
   return table(
-    ['suite', 'tasks', 'ops/s', '±%', 'samples', 'transitions/s', 'core B/task', 'heap B/task'],
+    [
+      'suite',
+      'tasks',
+      'runs',
+      'construct µs/task',
+      'loop ms',
+      'transitions/s excl.',
+      'transitions/s incl.',
+      'spread %',
+      'cpu excl.',
+      'cpu incl.',
+      'core B/task',
+      'heap B/task',
+    ],
     rows.map((r) => [
       r.name,
       fmt(r.tasks),
-      fmt(r.opsPerS),
-      r.rme.toFixed(1),
-      String(r.samples),
-      fmt(r.transitionsPerS),
+      `${r.samples}x${r.repsPerSample}`,
+      fmt(r.constructUsPerTask),
+      fmt(r.loopMs),
+      fmt(r.transitionsPerSExcl),
+      fmt(r.transitionsPerSIncl),
+      fmt(r.spreadPct),
+      fmt(r.cpuTransitionsPerSExcl),
+      fmt(r.cpuTransitionsPerSIncl),
       fmt(r.coreBytesPerTask),
       fmt(r.heapBytesPerTask),
     ]),
   );
 }
 
-async function main(argv: readonly string[]): Promise<void> {
-  // --n N: size of the independent suite (the others scale with it); --scale X directly.
+/** The targets line under the table. */
+export function formatTargets(rows: readonly Row[]): string {
+  const big = rows[rows.length - 1]!;
+  const minExcl = Math.min(...rows.map((r) => r.transitionsPerSExcl));
+  const minIncl = Math.min(...rows.map((r) => r.transitionsPerSIncl));
+  return (
+    `targets: >= 5M transitions/s (slowest suite: ${fmt(minExcl)} excl. construction, ${fmt(minIncl)} incl.), ` +
+    `<= 200 B/task at 1M (${fmt(big.tasks)} tasks here; core: ${fmt(big.coreBytesPerTask)}, heap: ${fmt(big.heapBytesPerTask)})`
+  );
+}
+
+function main(argv: readonly string[]): void {
+  // --n N: size of the independent suite (the others scale with it); --scale X directly; --runs R.
   const flag = (name: string): string | undefined => {
     const i = argv.indexOf(name);
     if (i >= 0) return argv[i + 1];
@@ -204,18 +356,18 @@ async function main(argv: readonly string[]): Promise<void> {
   };
   const n = flag('--n');
   const scale = n !== undefined ? parseCount(n) / 100_000 : Number(flag('--scale') ?? 1);
-  const rows = await coreMicro(scale);
+  const runs = Number(flag('--runs') ?? 7);
+  if (!hasGc()) console.error('(run with --expose-gc for a GC between samples and the heap B/task column)');
+  const rows = coreMicro({ scale, runs, log: (l) => console.error(l) });
   console.log(formatRows(rows));
-  const big = rows[rows.length - 1]!;
-  const minTps = Math.min(...rows.map((r) => r.transitionsPerS));
-  console.log(
-    `\ntargets: >= 5M transitions/s (slowest suite: ${fmt(minTps)}), <= 200 B/task at 1M (core: ${fmt(big.coreBytesPerTask)}, heap: ${fmt(big.heapBytesPerTask)})`,
-  );
+  console.log(`\n${formatTargets(rows)}`);
 }
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
-  main(process.argv.slice(2)).catch((err: unknown) => {
+  try {
+    main(process.argv.slice(2));
+  } catch (err) {
     console.error(err);
     process.exitCode = 1;
-  });
+  }
 }

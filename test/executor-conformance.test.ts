@@ -395,7 +395,9 @@ describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, mak
   it('rejects start() naming a module that fails to import, and the cause', async () => {
     ex = make();
     const bad = 'data:text/javascript,throw new Error("exploded on purpose")';
-    const err = await new Driver(ex).start([key('add')], [MODULE, bad]).then(
+    // A key that only the bad module would register: an executor whose thread already
+    // has every key (LocalExecutor in the thread that built the flow) imports nothing.
+    const err = await new Driver(ex).start([key('add'), `${bad}#boom`], [MODULE, bad]).then(
       () => null,
       (e: unknown) => e as Error,
     );

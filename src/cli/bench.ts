@@ -4,6 +4,7 @@
  *   weft bench [--shape independent|chain|tree|mapreduce|all] [--n N] [--executor local|pool|all]
  *              [--workers N] [--runs R] [--json OUT]
  *   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor ...] [--workers N] [--json OUT]
+ *   weft bench --micro | --shape core [--n N] [--runs R] [--json OUT]
  *
  * Returns the exit code: 0 all benchmarks ran, 1 a run failed (or the runner could not
  * be loaded), 2 a usage problem. Everything heavy lives in `bench/`; this file parses
@@ -13,6 +14,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { runBaselines, type BaselineResult } from '../../bench/baselines.ts';
+import { coreMicro, formatRows as microTable, formatTargets as microTargets } from '../../bench/core.micro.ts';
 import { DEFAULT_EXECUTORS, executorNames } from '../../bench/executors.ts';
 import {
   benchReplay,
@@ -62,7 +64,8 @@ const MIN_BASELINE_N = 10_000;
 
 function flags(): FlagSpec[] {
   return [
-    { name: 'shape', short: 's', kind: 'string', choices: [...SHAPES, 'all'], help: 'graph shape (default: all)' },
+    { name: 'shape', short: 's', kind: 'string', choices: [...SHAPES, 'all', 'core'], help: 'graph shape (default: all); core = --micro' },
+    { name: 'micro', kind: 'boolean', help: 'scheduler core micro-benchmarks only (no executor, no baselines)' },
     { name: 'n', short: 'n', kind: 'string', value: 'N', help: 'size: tasks, chain length or leaves; 10k and 1M work (default per shape)' },
     { name: 'executor', short: 'e', kind: 'string', choices: [...executorNames(), 'all'], help: `executor (default: all = ${DEFAULT_EXECUTORS.join(', ')})` },
     { name: 'workers', short: 'w', kind: 'count', value: 'N', help: `threads for pool and for the threaded baselines (default ${DEFAULT_WORKERS})` },
@@ -82,6 +85,7 @@ function usage(): string {
   return `Usage:
   weft bench [--shape S|all] [--n N] [--executor E|all] [--workers N] [--runs R] [--json OUT]
   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor E|all] [--workers N] [--json OUT]
+  weft bench --micro [--n N] [--runs R] [--json OUT]
 
 Shapes (each node explicit, no mapping):
   independent  n no-op tasks                    chain      n no-op tasks, each on the previous
@@ -93,6 +97,11 @@ batched and unbatched), measured in the same process; µs/task is divided by the
 postMessage figure (the transport's limit). Times are wall clock around runFlow, with a
 fresh executor per run (start-up included); medians of R runs after one warm-up.
 
+--micro (or --shape core) times the scheduler core alone: construction and the
+dispatch/success loop over independent, tree and chain graphs up to ~1M tasks
+(transitions/s with and without construction, bytes per task); --n sizes the independent
+suite (default 100k; the others scale with it); JSON rows go under "micro".
+
 Replay runs each trace task as a busy spin of its recorded runtime x scale and compares
 the makespan with max(critical path, total work / workers), both scaled.
 
@@ -102,7 +111,8 @@ ${formatFlags(flags())}
 Examples:
   weft bench
   weft bench --shape tree --n 65536 --executor pool --workers 2 --json bench/results/tree.json
-  weft bench --graph all --total-work 2s --executor pool`;
+  weft bench --graph all --total-work 2s --executor pool
+  weft bench --micro --runs 7 --json bench/results/core.json`;
 }
 
 function stringFlag(f: Readonly<Record<string, unknown>>, name: string): string | undefined {
@@ -181,11 +191,34 @@ async function harnessDeps(io: BenchIO): Promise<HarnessDeps> {
   return { runFlow, log, ...(io.createExecutor === undefined ? {} : { createExecutor: io.createExecutor }) };
 }
 
+/** Core micro-benchmarks: `coreMicro()` from bench/core.micro.ts, its table, its rows under "micro". */
+async function microMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
+  for (const shapeOnly of ['executor', 'workers', 'payload', 'baseline-n', 'baselines-only']) {
+    if (f[shapeOnly] !== undefined) throw new UsageError(`--${shapeOnly} does not apply to --micro`);
+  }
+  const nRaw = stringFlag(f, 'n');
+  const scale = nRaw === undefined ? 1 : asUsage('n', () => parseCount(nRaw)) / 100_000;
+  const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
+  const rows = coreMicro({ scale, runs, log: (line) => io.stderr.write(`${line}\n`) });
+  io.stdout.write(`\nScheduler core (median of ${runs} samples)\n${microTable(rows)}\n\n${microTargets(rows)}\n`);
+  const out = stringFlag(f, 'json');
+  if (out !== undefined) {
+    const path = await writeJson(io, out, { ...benchJson([], [], { environment: environment(), runs }), micro: rows });
+    io.stderr.write(`wrote ${path}\n`);
+  }
+  return EXIT_OK;
+}
+
 async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
   for (const replayOnly of ['total-work', 'scale']) {
     if (f[replayOnly] !== undefined) throw new UsageError(`--${replayOnly} applies to --graph only`);
   }
-  const shapeFlag = stringFlag(f, 'shape') ?? 'all';
+  const shapeRaw = stringFlag(f, 'shape');
+  if (f.micro === true || shapeRaw === 'core') {
+    if (shapeRaw !== undefined && shapeRaw !== 'core') throw new UsageError(`--micro runs the core suites only; drop --shape ${shapeRaw}`);
+    return microMode(f, io);
+  }
+  const shapeFlag = shapeRaw ?? 'all';
   const nRaw = stringFlag(f, 'n');
   const n = nRaw === undefined ? undefined : asUsage('n', () => parseCount(nRaw));
   const workers = numberFlag(f, 'workers') ?? DEFAULT_WORKERS;
@@ -269,7 +302,7 @@ function replayFiles(graph: string, cwd: string): string[] {
 }
 
 async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
-  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only']) {
+  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only', 'micro']) {
     if (f[shapeOnly] !== undefined) throw new UsageError(`--${shapeOnly} does not apply to --graph`);
   }
   const tw = stringFlag(f, 'total-work');

@@ -14,6 +14,10 @@ import { isMainThread } from 'node:worker_threads';
 import { register } from 'node:module';
 
 register(import.meta.resolve('tsx/esm'), { parentURL: import.meta.url, data: {} });
+// Marks this thread/process as a weft worker: `Flow.run()` refuses to run here, so a flow
+// module that runs itself at its top level fails with a clear error instead of starting
+// a pool inside every worker that imports it.
+globalThis[Symbol.for('weft.worker')] = true;
 process.setSourceMapsEnabled(true);
 const worker = await import('./pool-worker.ts');
 

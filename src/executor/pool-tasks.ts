@@ -16,6 +16,10 @@ export function taskNameOf(key: string): string {
 
 /** Import the run's modules, then resolve every task key (in order). Throws TaskResolutionError. */
 export async function loadTasks(modules: readonly string[], taskKeys: readonly string[], where = 'a worker'): Promise<TaskFn[]> {
+  // Everything already registered here (the thread that built the flow, a warm worker):
+  // import nothing. Importing would also deadlock a module that runs its flow with a
+  // top-level await: its own import waits for its evaluation, which waits for the run.
+  if (taskKeys.length > 0 && taskKeys.every((k) => getTask(k) !== undefined)) return taskKeys.map((k) => resolveTask(k, where));
   for (const url of modules) {
     try {
       await import(url);

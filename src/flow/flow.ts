@@ -14,6 +14,7 @@
  * `Flow` is a thin facade over the internal `GraphBuilder` (builder.ts), which keeps
  * the nodes and produces the validated `GraphSpec`.
  */
+import { WeftError } from '../errors.ts';
 import type { Executor } from '../executor/types.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 import { GraphBuilder, requireBuilder, withBuilder, type ParameterType } from './builder.ts';
@@ -115,6 +116,13 @@ export class Flow<O = unknown> {
    * imports a flow module to find its tasks never loads the scheduler and runner.
    */
   async run(opts: RunOptions = {}): Promise<FlowRunResult> {
+    if ((globalThis as Record<symbol, unknown>)[Symbol.for('weft.worker')] === true) {
+      throw new WeftError(
+        'FLOW_RUN_IN_WORKER',
+        `flow "${this.name}": run() was called inside a weft worker, which imports flow modules only to find their tasks; ` +
+          'a module that defines tasks must not run flows at its top level (run them from another module, or only when it is the entry point)',
+      );
+    }
     const spec = this.spec();
     const { runFlow } = await import('../runner/run.ts');
     return runFlow(spec, this.executor === undefined ? opts : { executor: this.executor, ...opts });

@@ -15,7 +15,7 @@
  * has slots, so everything beyond the executor's capacity waits here, in priority order
  * (backpressure lives in the scheduler, as in dask's `_task_slots_available`).
  */
-import type { GraphSpec, NodeSpec, TaskStateName, UpstreamState } from '../flow/spec.ts';
+import type { GraphSpec, NodeSpec, TaskOptions, TaskStateName, UpstreamState } from '../flow/spec.ts';
 import { ReadyHeap } from './heap.ts';
 import { staticOrder } from './order.ts';
 import {
@@ -110,6 +110,18 @@ allow(MAPPING, MAPPED, CANCELLED);
 const F_LOOP = 1; // next dispatch is a loop iteration or a re-run after a lost worker: not a new attempt
 const F_RESUMED = 2; // resumed from Paused: a manualOnly trigger passes
 
+// Per static node, cached from the spec so the hot path does not chase the node object.
+const NF_MAPPED = 1; // a mapped node (its children share its node id but not this meaning)
+const NF_FAST = 2; // builtin trigger that runs when no upstream failed or was skipped
+
+/** Builtin triggers whose verdict is RUN whenever no upstream failed or was skipped (see evalTrigger). */
+function runsWhenAllSucceeded(o: TaskOptions): boolean {
+  const t = o.trigger;
+  if (t.kind !== 'builtin') return false;
+  const name = t.name;
+  return name === 'allSuccessful' || name === 'anySuccessful' || name === 'allFinished' || name === 'alwaysRun' || name === 'notAllSkipped';
+}
+
 // Story event codes beyond transitions.
 const EV_TRANSITION = 0;
 const EV_STALE = 1;
@@ -139,7 +151,7 @@ export class SchedulerCore {
   private upCounts: Int32Array;
   /** Dispatches that were attempts (loop iterations and lost-worker re-runs excluded). */
   attempts: Uint16Array;
-  /** Times the task's worker died under it. */
+  /** Times the task's worker died under it (allocated at the first lost worker). */
   private lost: Uint8Array;
   /** Run id of the current dispatch; outcomes carrying another are stale and dropped. */
   runId: Int32Array;
@@ -152,28 +164,42 @@ export class SchedulerCore {
   /** Mapped parent of a child, else -1. */
   parent: Int32Array;
   private flags: Uint8Array;
-  /** Negated user priority, then static order: the ready heap's keys. */
+  /**
+   * Negated user priority, then static order: the ready heap's keys. `rank` is empty
+   * while every task has the same priority (the heap then compares `order` alone).
+   */
   private rank: Float64Array;
   private order: Float64Array;
-  /** Heads of the dependents lists: fired on finish / on expansion of a mapped node. -1 = none. */
+  /** Heads of the dependents lists, fired on finish. -1 = none. */
   private outHead: Int32Array;
-  private expHead: Int32Array;
+  /**
+   * Heads of the lists fired on expansion of a mapped node, per static node (only static
+   * mapped nodes expand); empty when the spec has no mapped node.
+   */
+  private readonly expHead: Int32Array;
+  /** Some node is mapped: children may exist (else `parent` is all -1 and never read on the hot path). */
+  private readonly hasMapped: boolean;
 
   private edgeTo: Int32Array;
   private edgeNext: Int32Array;
   private nEdges = 0;
+  /** Per static node: NF_* bits. */
+  private readonly nodeFlags: Uint8Array;
 
   private readonly maps = new Map<number, MapInfo>();
   private readonly heap: ReadyHeap;
   /** Tasks per state code. */
   readonly counts = new Int32Array(N_STATES);
+  /** State changes so far (what the micro-benchmarks count). */
+  transitions = 0;
   /** Why the core (not the task) ended a task: trigger, poison, mapping errors. */
   readonly messages = new Map<number, string>();
   /** Instructions for the runner; it drains (and clears) this after each event. */
   instructions: Instruction[] = [];
 
   // tags
-  private readonly tagIds: Int32Array[]; // per static node: limited tag ids it carries
+  /** Per static node: the limited tags it carries; null when no tag is limited (the usual case). */
+  private readonly tagIds: Int32Array[] | null;
   private readonly tagLimit: Int32Array;
   private readonly tagRunning: Int32Array;
   private readonly tagParked: number[][];
@@ -218,21 +244,16 @@ export class SchedulerCore {
     this.remaining = new Int32Array(cap);
     this.upCounts = new Int32Array(cap * 3);
     this.attempts = new Uint16Array(cap);
-    this.lost = new Uint8Array(cap);
+    this.lost = new Uint8Array(0);
     this.runId = new Int32Array(cap);
     this.loopCount = new Int32Array(cap);
     this.node = new Int32Array(cap);
     this.mapIndex = new Int32Array(cap).fill(-1);
     this.parent = new Int32Array(cap).fill(-1);
     this.flags = new Uint8Array(cap);
-    this.rank = new Float64Array(cap);
+    this.rank = new Float64Array(0);
     this.order = new Float64Array(cap);
     this.outHead = new Int32Array(cap).fill(-1);
-    this.expHead = new Int32Array(cap).fill(-1);
-    let edgeGuess = 0;
-    for (const s of spec.nodes) edgeGuess += s.args.length + s.upstream.length;
-    this.edgeTo = new Int32Array(Math.max(16, edgeGuess));
-    this.edgeNext = new Int32Array(Math.max(16, edgeGuess));
 
     // Tags with limits.
     const limits = opts.tagLimits ?? {};
@@ -245,51 +266,118 @@ export class SchedulerCore {
       if (!Number.isInteger(lim) || lim < 1) throw new SchedulerError(`tag limit for "${t}" must be a positive integer, got ${String(lim)}`);
       this.tagLimit[i] = lim;
     });
+    const tagIds: Int32Array[] | null = tagNames.length === 0 ? null : new Array<Int32Array>(n);
     const noTags = new Int32Array(0);
-    this.tagIds = spec.nodes.map((s) => {
-      if (tagNames.length === 0 || s.options.tags.length === 0) return noTags;
-      const ids = s.options.tags.map((t) => tagNames.indexOf(t)).filter((i) => i >= 0);
-      return ids.length === 0 ? noTags : Int32Array.from(ids);
-    });
 
-    // Static edges and the dependency CSR for the static order.
+    // Pass 1, the only one over the spec's objects (1M nodes do not fit in a cache, so each
+    // pass over them costs a miss per node): the dependency CSR for the static order,
+    // ranks, node flags, tags, and the exact number of static edges.
+    const nodes = spec.nodes;
     const depPtr = new Int32Array(n + 1);
-    for (let i = 0; i < n; i++) {
-      const s = spec.nodes[i]!;
-      let c = s.upstream.length;
-      for (const a of s.args) if (a.kind === 'ref') c++;
-      depPtr[i + 1] = depPtr[i]! + c;
-    }
-    const depIdx = new Int32Array(depPtr[n]!);
+    let depIdx = new Int32Array(n + 16);
+    let nDeps = 0;
+    let nEdges = 0;
     const hasDependents = new Uint8Array(n);
+    const nodeFlags = new Uint8Array(n);
+    let rank: Float64Array | null = null;
+    const node = this.node;
+    // Nodes mostly share one options object: decode it once per distinct object.
+    let lastOpts: TaskOptions | null = null;
+    let lastRank = 0;
+    let lastFast = 0;
+    let hasMapped = false;
     for (let i = 0; i < n; i++) {
-      const s = spec.nodes[i]!;
-      let p = depPtr[i]!;
-      this.node[i] = i;
-      this.rank[i] = -s.options.priority;
-      for (const a of s.args) {
+      const s = nodes[i]!;
+      const o = s.options;
+      if (o !== lastOpts) {
+        lastOpts = o;
+        const r = -o.priority;
+        if (i > 0 && r !== lastRank && rank === null) {
+          // The first differing priority: from here on the heap needs ranks.
+          rank = new Float64Array(cap);
+          rank.fill(lastRank, 0, i);
+        }
+        lastRank = r;
+        lastFast = runsWhenAllSucceeded(o) ? NF_FAST : 0;
+      }
+      node[i] = i;
+      if (rank !== null) rank[i] = lastRank;
+      const mapped = s.mapped;
+      hasMapped ||= mapped;
+      nodeFlags[i] = mapped ? lastFast | NF_MAPPED : lastFast;
+      const args = s.args;
+      const up = s.upstream;
+      if (nDeps + args.length + up.length > depIdx.length) {
+        const next = new Int32Array(Math.max(depIdx.length * 2, nDeps + args.length + up.length));
+        next.set(depIdx);
+        depIdx = next;
+      }
+      for (let k = 0; k < args.length; k++) {
+        const a = args[k]!;
         if (a.kind !== 'ref') continue;
         const u = a.node;
         if (u < 0 || u >= n) throw new SchedulerError(`node "${s.key}" depends on node ${u}, which is not in the flow`);
-        depIdx[p++] = u;
+        depIdx[nDeps++] = u;
         hasDependents[u] = 1;
-        if (!s.mapped) this.addEdge(u, i, false);
-        else if (a.mode === 'mapped' || a.mode === 'flatten') {
-          // Blocking for a mapped node: its width comes from this input.
-          this.addEdge(u, i, a.mode === 'mapped' && spec.nodes[u]!.mapped);
-        }
-        // plain/unmapped inputs of a mapped node are wired to its children when it expands
+        // A mapped node waits only for the inputs that give its width; its plain inputs
+        // are wired to its children when it expands.
+        if (!mapped || a.mode === 'mapped' || a.mode === 'flatten') nEdges++;
       }
-      for (const u of s.upstream) {
+      for (let k = 0; k < up.length; k++) {
+        const u = up[k]!;
         if (u < 0 || u >= n) throw new SchedulerError(`node "${s.key}" has upstream node ${u}, which is not in the flow`);
-        depIdx[p++] = u;
+        depIdx[nDeps++] = u;
         hasDependents[u] = 1;
-        if (!s.mapped) this.addEdge(u, i, false);
+        if (!mapped) nEdges++;
+      }
+      depPtr[i + 1] = nDeps;
+      if (tagIds !== null) {
+        const tags = o.tags;
+        const ids = tags.length === 0 ? [] : tags.map((t) => tagNames.indexOf(t)).filter((x) => x >= 0);
+        tagIds[i] = ids.length === 0 ? noTags : Int32Array.from(ids);
       }
     }
-    const ord = staticOrder(n, depPtr, depIdx, hasDependents);
-    this.order.set(ord);
+    this.nodeFlags = nodeFlags;
+    this.tagIds = tagIds;
+    if (rank !== null) this.rank = rank;
+    this.hasMapped = hasMapped;
+    this.expHead = new Int32Array(hasMapped ? n : 0).fill(-1);
     this.heap = new ReadyHeap(this.rank, this.order, Math.min(n, 1 << 16));
+    this.heap.setUniformRank(rank === null);
+
+    // Pass 2, over typed arrays only: the dependents lists, in an edge pool of the exact size.
+    this.edgeTo = new Int32Array(Math.max(16, nEdges));
+    this.edgeNext = new Int32Array(Math.max(16, nEdges));
+    const edgeTo = this.edgeTo;
+    const edgeNext = this.edgeNext;
+    const outHead = this.outHead;
+    const remaining = this.remaining;
+    let e = 0;
+    for (let i = 0; i < n; i++) {
+      const end = depPtr[i + 1]!;
+      if ((nodeFlags[i]! & NF_MAPPED) !== 0) {
+        // Rare: back to the spec for the argument modes (same edge order as the plain case).
+        this.nEdges = e;
+        for (const a of nodes[i]!.args) {
+          if (a.kind === 'ref' && (a.mode === 'mapped' || a.mode === 'flatten')) {
+            // Blocking for a mapped node: its width comes from this input.
+            this.addEdge(a.node, i, a.mode === 'mapped' && nodes[a.node]!.mapped);
+          }
+        }
+        e = this.nEdges;
+        continue;
+      }
+      remaining[i] = end - depPtr[i]!;
+      for (let p = depPtr[i]!; p < end; p++) {
+        const u = depIdx[p]!;
+        edgeTo[e] = i;
+        edgeNext[e] = outHead[u]!;
+        outHead[u] = e++;
+      }
+    }
+    this.nEdges = e;
+
+    staticOrder(n, depPtr, depIdx, hasDependents, this.order);
     this.counts[PENDING] = n;
   }
 
@@ -314,10 +402,13 @@ export class SchedulerCore {
   takeReady(max: number, out: Int32Array): number {
     let k = 0;
     const heap = this.heap;
+    const tagIds = this.tagIds;
     while (k < max && heap.size > 0) {
       const id = heap.pop();
-      const tags = this.tagIds[this.node[id]!]!;
-      if (tags.length > 0 && !this.acquireTags(id, tags)) continue;
+      if (tagIds !== null) {
+        const tags = tagIds[this.node[id]!]!;
+        if (tags.length > 0 && !this.acquireTags(id, tags)) continue;
+      }
       this.runId[id] = ++this.runSeq;
       if ((this.flags[id]! & F_LOOP) !== 0) this.flags[id]! &= ~F_LOOP;
       else this.attempts[id]!++;
@@ -407,6 +498,11 @@ export class SchedulerCore {
         this.instructions.push({ op: 'retry', id, delayMs: delayMs >= 0 ? delayMs : opts.retryDelayMs });
         break;
       case 'lost': {
+        if (this.lost.length < this.cap) {
+          const lost = new Uint8Array(this.cap);
+          lost.set(this.lost);
+          this.lost = lost;
+        }
         const n = ++this.lost[id]!;
         if (n >= this.poisonLimit) {
           this.messages.set(
@@ -522,6 +618,7 @@ export class SchedulerCore {
     const arrays = [
       this.state, this.remaining, this.upCounts, this.attempts, this.lost, this.runId, this.loopCount, this.node,
       this.mapIndex, this.parent, this.flags, this.rank, this.order, this.outHead, this.expHead, this.edgeTo, this.edgeNext,
+      this.nodeFlags,
     ];
     let b = this.heap.bytes() + this.storyBuf.byteLength;
     for (const a of arrays) b += a.byteLength;
@@ -593,20 +690,23 @@ export class SchedulerCore {
     this.state[id] = to;
     this.counts[from]!--;
     this.counts[to]!++;
+    this.transitions++;
     this.log(id, EV_TRANSITION, from, to);
     if (this.onTransition !== undefined) this.onTransition(id, from, to);
   }
 
   private log(id: number, ev: number, from: number, to: number): void {
     const b = this.storyBuf;
-    const e = this.storyPos * STORY_W;
+    const pos = this.storyPos;
+    const e = pos * STORY_W;
+    // Wrap by comparison: an integer modulo per transition shows in profiles.
+    this.storyPos = pos + 1 === this.storyLen ? 0 : pos + 1;
     b[e] = ++this.seq;
     b[e + 1] = id;
     b[e + 2] = ev;
     // The run id and attempt as they are now: a later dispatch must not rewrite earlier entries.
     b[e + 3] = ((this.attempts[id] ?? 0) << 16) | (from << 8) | to;
     b[e + 4] = this.runId[id] ?? 0;
-    this.storyPos = (this.storyPos + 1) % this.storyLen;
   }
 
   describe(id: number): string {
@@ -639,13 +739,19 @@ export class SchedulerCore {
 
   /** Counts a finished upstream contributes to its dependents' triggers. */
   private addFinishedCounts(u: number, to: number): void {
-    const m = this.maps.get(u);
+    const su = this.state[u]!;
     const b = to * 3;
-    if (m !== undefined && this.state[u] === MAPPED) {
-      this.upCounts[b]! += m.counts[0];
-      this.upCounts[b + 1]! += m.counts[1];
-      this.upCounts[b + 2]! += m.counts[2];
-    } else this.upCounts[b + classOf(this.state[u]!)]!++;
+    // Only a MAPPED task has a map to count (test the state first: no Map lookup per edge).
+    if (su === MAPPED) {
+      const m = this.maps.get(u);
+      if (m !== undefined) {
+        this.upCounts[b]! += m.counts[0];
+        this.upCounts[b + 1]! += m.counts[1];
+        this.upCounts[b + 2]! += m.counts[2];
+        return;
+      }
+    }
+    this.upCounts[b + classOf(su)]!++;
   }
 
   /**
@@ -653,11 +759,15 @@ export class SchedulerCore {
    * (a worklist, not recursion): a skip can cascade down a million-task chain.
    */
   private finish(id: number): void {
-    this.finishStack.push(id);
-    if (this.draining) return;
+    if (this.draining) {
+      this.finishStack.push(id);
+      return;
+    }
     this.draining = true;
     try {
-      while (this.finishStack.length > 0) this.propagate(this.finishStack.pop()!);
+      this.propagate(id);
+      const stack = this.finishStack;
+      while (stack.length > 0) this.propagate(stack.pop()!);
     } finally {
       this.draining = false;
     }
@@ -670,8 +780,9 @@ export class SchedulerCore {
       this.addFinishedCounts(id, to);
       if (--this.remaining[to]! === 0 && this.state[to] === PENDING) this.depsDone(to);
     }
+    if (!this.hasMapped) return;
     // A mapped node that finished without expanding: its mapped dependents cannot expand either.
-    if (this.expHead[id]! >= 0) this.fireExpansion(id);
+    if (id < this.expHead.length && this.expHead[id]! >= 0) this.fireExpansion(id);
     const p = this.parent[id]!;
     if (p >= 0) {
       const m = this.maps.get(p)!;
@@ -694,6 +805,16 @@ export class SchedulerCore {
 
   /** Every upstream edge of a PENDING task fired: expand it, queue it, or end it per its trigger. */
   private depsDone(id: number): void {
+    const nf = this.nodeFlags[this.node[id]!]!;
+    if ((nf & NF_FAST) !== 0 && ((nf & NF_MAPPED) === 0 || this.parent[id]! >= 0)) {
+      // Fast path (no spec lookup): a plain trigger, no upstream failed or was skipped.
+      const b = id * 3;
+      if (this.upCounts[b + 1] === 0 && this.upCounts[b + 2] === 0) {
+        this.setState(id, READY);
+        this.heap.push(id);
+        return;
+      }
+    }
     const s = this.nodeSpecs[this.node[id]!]!;
     if (s.mapped && this.parent[id]! < 0) {
       this.resolveMapped(id, s);
@@ -842,7 +963,7 @@ export class SchedulerCore {
       this.node[c] = nodeId;
       this.parent[c] = id;
       this.mapIndex[c] = i;
-      this.rank[c] = this.rank[id]!;
+      if (this.rank.length > 0) this.rank[c] = this.rank[id]!;
       // (map index, static order): child i of every mapped node before child i+1 — depth first.
       this.order[c] = (i + 1) * stride + this.order[id]!;
       this.state[c] = PENDING;
@@ -888,6 +1009,7 @@ export class SchedulerCore {
       if (fill !== undefined) b.fill(fill, a.length);
       return b;
     };
+    // `rank` and `lost` may still be empty (not needed yet): they stay empty.
     this.state = grow(this.state);
     this.remaining = grow(this.remaining);
     this.upCounts = grow(this.upCounts);
@@ -902,7 +1024,6 @@ export class SchedulerCore {
     this.rank = grow(this.rank);
     this.order = grow(this.order);
     this.outHead = grow(this.outHead, -1);
-    this.expHead = grow(this.expHead, -1);
     this.cap = cap;
     this.heap.rebind(this.rank, this.order);
   }
@@ -921,6 +1042,7 @@ export class SchedulerCore {
   }
 
   private releaseTags(id: number): void {
+    if (this.tagIds === null) return;
     const tags = this.tagIds[this.node[id]!]!;
     for (let k = 0; k < tags.length; k++) {
       const t = tags[k]!;
