@@ -173,7 +173,7 @@ describe('dispatch order through the core', () => {
     expect(take(core, 1)).toEqual([child]);
     expect(core.failure(child, core.runId[child]!, 'lost')).toBe(true);
     expect(core.stateName(child)).toBe('Failed');
-    expect(core.messages.get(child)).toContain('suspected poison task: 2 workers died');
+    expect(core.messages.get(child)).toContain('is a suspected poison task: 2 workers died');
   });
 });
 

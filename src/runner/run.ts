@@ -31,6 +31,40 @@ import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, Ta
 
 const now = (): number => performance.timeOrigin + performance.now();
 
+/** What the runner needs from a whole-spec pass, computed once per spec (specs are immutable). */
+interface SpecInfo {
+  /** Parameter nodes. */
+  readonly parameters: readonly NodeSpec[];
+  /** One task node per distinct task key. */
+  readonly distinctTasks: readonly NodeSpec[];
+  readonly taskKeys: readonly string[];
+  /** Some node has state handlers or an onFailure hook. */
+  readonly hasHandlers: boolean;
+}
+
+const specInfos = new WeakMap<GraphSpec, SpecInfo>();
+
+function specInfo(spec: GraphSpec): SpecInfo {
+  let info = specInfos.get(spec);
+  if (info !== undefined) return info;
+  const parameters: NodeSpec[] = [];
+  const distinct = new Map<string, NodeSpec>();
+  let hasHandlers = false;
+  let lastOptions: NodeSpec['options'] | null = null;
+  for (const n of spec.nodes) {
+    if (n.kind === 'parameter') parameters.push(n);
+    else if (n.kind === 'task' && !distinct.has(n.taskKey)) distinct.set(n.taskKey, n);
+    const o = n.options;
+    if (o !== lastOptions) {
+      lastOptions = o; // big generated graphs share option objects
+      if (o.stateHandlers.length > 0 || o.onFailure !== null) hasHandlers = true;
+    }
+  }
+  info = { parameters, distinctTasks: [...distinct.values()], taskKeys: [...distinct.keys()], hasHandlers };
+  specInfos.set(spec, info);
+  return info;
+}
+
 /** Run a flow's graph spec to completion. Rejects only for problems found before any task runs. */
 export async function runFlow(spec: GraphSpec, opts: RunOptions = {}): Promise<FlowRunResult> {
   const parameters = resolveParameters(spec, opts);
@@ -45,9 +79,9 @@ export function resolveParameters(spec: GraphSpec, opts: RunOptions): Record<str
   const given = { ...(opts.restartFrom?.parameters ?? {}), ...(opts.parameters ?? {}) };
   const out: Record<string, unknown> = {};
   const known = new Set<string>();
-  for (const n of spec.nodes) {
+  for (const n of specInfo(spec).parameters) {
     const p = n.parameter;
-    if (n.kind !== 'parameter' || p === undefined) continue;
+    if (p === undefined) continue;
     known.add(p.name);
     if (p.name in given) out[p.name] = given[p.name];
     else if (p.required) throw new FlowValidationError(`flow "${spec.name}": required parameter "${p.name}" was not given`, p.name);
@@ -93,10 +127,7 @@ const preview = (v: unknown): string => {
 
 /** A task defined in a closure cannot be found by a worker thread or process: say so before running. */
 function checkResolvable(spec: GraphSpec, executor: Executor): void {
-  const seen = new Set<string>();
-  for (const n of spec.nodes) {
-    if (n.kind !== 'task' || seen.has(n.taskKey)) continue;
-    seen.add(n.taskKey);
+  for (const n of specInfo(spec).distinctTasks) {
     const def = getTask(n.taskKey);
     if (def === undefined) {
       throw new TaskResolutionError(`task "${n.key}" (${n.taskKey}) is not registered in this process`, n.key);
@@ -113,12 +144,16 @@ function checkResolvable(spec: GraphSpec, executor: Executor): void {
 class FlowRun {
   private readonly core: SchedulerCore;
   private readonly nodes: readonly NodeSpec[];
-  private results: unknown[] = [];
+  /** Results by task id; pre-sized (stores arrive out of order, which would make a growing array slow). */
+  private results: unknown[];
   private startMs: Float64Array;
   private endMs: Float64Array;
   private readonly errors = new Map<number, SerializedError & { code?: string }>();
-  private readonly workers = new Map<number, string>();
+  /** Who ran each task's last attempt (pre-sized like `results`). */
+  private readonly workers: (string | undefined)[];
   private readonly loopValues = new Map<number, unknown>();
+  /** Workers that died while running each task (rare: poison detection names them). */
+  private readonly lostOn = new Map<number, string[]>();
   /** For mapped parents: their children's results as a list, once they all finished. */
   private readonly lists = new Map<number, unknown[]>();
   private readonly flattened = new Map<number, unknown[]>();
@@ -147,7 +182,7 @@ class FlowRun {
     private readonly executor: Executor,
   ) {
     this.nodes = spec.nodes;
-    this.hasHandlers = spec.nodes.some((n) => n.options.stateHandlers.length > 0 || n.options.onFailure !== null);
+    this.hasHandlers = specInfo(spec).hasHandlers;
     const onTransition = this.hasHandlers || opts.onTaskState !== undefined ? this.onTransition.bind(this) : undefined;
     this.core = new SchedulerCore(spec, {
       validate: opts.validate ?? false,
@@ -156,6 +191,8 @@ class FlowRun {
       ...(onTransition ? { onTransition } : {}),
     });
     const n = Math.max(16, spec.nodes.length);
+    this.results = new Array<unknown>(spec.nodes.length).fill(undefined);
+    this.workers = new Array<string | undefined>(spec.nodes.length).fill(undefined);
     this.startMs = new Float64Array(n);
     this.endMs = new Float64Array(n);
     this.out = new Int32Array(4096);
@@ -175,7 +212,7 @@ class FlowRun {
     await this.executor.start({
       flowName: this.spec.name,
       modules: this.spec.modules,
-      taskKeys: [...new Set(this.nodes.filter((n) => n.kind === 'task').map((n) => n.taskKey))],
+      taskKeys: specInfo(this.spec).taskKeys,
       parameters: this.parameters,
       onOutcomes: (o) => this.onOutcomes(o),
     });
@@ -375,7 +412,7 @@ class FlowRun {
       if (!core.current(id, o.runId)) continue; // stale: rescheduled meanwhile
       if (o.startMs > 0) this.startMs[id] = o.startMs;
       this.endMs[id] = o.endMs > 0 ? o.endMs : now();
-      if (o.worker !== undefined) this.workers.set(id, o.worker);
+      if (o.worker !== undefined) this.workers[id] = o.worker;
       if (o.status === 'ok') {
         this.results[id] = o.value;
         if (this.special[core.node[id]!] === 1) {
@@ -400,10 +437,14 @@ class FlowRun {
         this.recordError(id, o.error);
         this.core.failure(id, runId, 'timeout', this.retryable(id, o.error, 'TaskTimeoutError'));
         return;
-      case 'lost':
+      case 'lost': {
         this.recordError(id, o.error);
-        this.core.failure(id, runId, 'lost', true, -1, o.worker !== undefined ? `last on ${o.worker}` : undefined);
+        const on = this.lostOn.get(id) ?? [];
+        on.push(o.worker ?? 'unknown worker');
+        this.lostOn.set(id, on);
+        this.core.failure(id, runId, 'lost', true, -1, `workers: ${on.join(', ')}`);
         return;
+      }
       case 'cancelled':
         this.recordError(id, o.error ?? { name: 'CancelledError', message: 'cancelled' });
         this.core.failure(id, runId, 'cancelled');
@@ -661,7 +702,7 @@ class FlowRun {
       } else if (r.state === 'Cancelled') {
         r.error = err?.name === 'CancelledError' ? err : { name: 'CancelledError', message: 'cancelled: the run was cancelled' };
       } else if (err !== undefined && r.state !== 'Success' && r.state !== 'Cached') r.error = err;
-      const w = workers.get(id);
+      const w = workers[id];
       if (w !== undefined) r.worker = w;
       return r;
     };

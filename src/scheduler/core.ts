@@ -507,7 +507,7 @@ export class SchedulerCore {
         if (n >= this.poisonLimit) {
           this.messages.set(
             id,
-            `suspected poison task: ${n} workers died while running it${message ? ` (${message})` : ''}`,
+            `task ${this.describe(id)} is a suspected poison task: ${n} workers died while running it${message ? ` (${message})` : ''}`,
           );
           this.setState(id, FAILED);
           this.finish(id);
