@@ -72,7 +72,7 @@ export function executorNames(): string[] {
 }
 
 /** The `--executor all` set. */
-export const DEFAULT_EXECUTORS: readonly string[] = Object.freeze(['local', 'pool']);
+export const DEFAULT_EXECUTORS: readonly string[] = Object.freeze(['local', 'pool', 'pool-warm']);
 
 export async function createExecutor(name: string, settings: ExecutorSettings): Promise<Executor> {
   const factory = FACTORIES.get(name);

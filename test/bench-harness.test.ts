@@ -138,7 +138,7 @@ describe('weft bench (CLI)', () => {
       results: Record<string, unknown>[];
       baselines: Record<string, unknown>[];
     };
-    expect(doc.results).toHaveLength(4 * 2);
+    expect(doc.results).toHaveLength(4 * 3);
     for (const r of doc.results) {
       for (const k of ['shape', 'executor']) expect(typeof r[k]).toBe('string');
       for (const k of ['n', 'workers', 'median_s', 'us_per_task', 'tasks_per_s', 'ratio_vs_postmessage', 'startup_s', 'net_us_per_task']) {
@@ -149,12 +149,16 @@ describe('weft bench (CLI)', () => {
     expect(doc.results.map((r) => `${r.shape}/${r.executor}`)).toEqual([
       'independent/local',
       'independent/pool',
+      'independent/pool-warm',
       'chain/local',
       'chain/pool',
+      'chain/pool-warm',
       'tree/local',
       'tree/pool',
+      'tree/pool-warm',
       'mapreduce/local',
       'mapreduce/pool',
+      'mapreduce/pool-warm',
     ]);
     expect(doc.baselines.map((b) => b.name)).toEqual(['loop-noop', 'postmessage-batched', 'postmessage-unbatched', 'piscina-run']);
     for (const b of doc.baselines) {
