@@ -39,7 +39,7 @@ describe('core micro-benchmarks', () => {
   it('weft bench --micro prints the table and writes the rows under "micro"', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'weft-micro-'));
     const t = io(dir);
-    expect(await benchCommand(['--micro', '--n', '200', '--runs', '1', '--json', 'm.json'], t)).toBe(0);
+    expect(await benchCommand(['--micro', '--n', '200', '--runs', '1', '--quick', '--json', 'm.json'], t)).toBe(0);
     expect(t.text()).toContain('Scheduler core (median of 1 samples)');
     const doc = JSON.parse(readFileSync(join(dir, 'm.json'), 'utf8')) as { micro: { tasks: number; transitions: number }[]; results: unknown[] };
     expect(doc.micro).toHaveLength(4);
@@ -47,7 +47,7 @@ describe('core micro-benchmarks', () => {
     for (const r of doc.micro) expect(r.transitions).toBe(3 * r.tasks);
 
     const t2 = io(dir);
-    expect(await benchCommand(['--shape', 'core', '--n', '200', '--runs', '1'], t2)).toBe(0);
+    expect(await benchCommand(['--shape', 'core', '--n', '200', '--runs', '1', '--quick'], t2)).toBe(0);
     expect(t2.text()).toContain('independent 200');
   });
 

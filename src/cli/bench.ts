@@ -4,7 +4,7 @@
  *   weft bench [--shape independent|chain|tree|mapreduce|all] [--n N] [--executor local|pool|all]
  *              [--workers N] [--runs R] [--json OUT]
  *   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor ...] [--workers N] [--json OUT]
- *   weft bench --micro | --shape core [--n N] [--runs R] [--json OUT]
+ *   weft bench --micro | --shape core [--n N] [--runs R] [--quick] [--json OUT]
  *
  * Returns the exit code: 0 all benchmarks ran, 1 a run failed (or the runner could not
  * be loaded), 2 a usage problem. Everything heavy lives in `bench/`; this file parses
@@ -14,6 +14,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { runBaselines, type BaselineResult } from '../../bench/baselines.ts';
+import { benchmarkjsSuite, formatRows as benchmarkjsTable, NOTES as benchmarkjsNotes } from '../../bench/core.benchmarkjs.ts';
 import { coreMicro, formatRows as microTable, formatTargets as microTargets } from '../../bench/core.micro.ts';
 import { DEFAULT_EXECUTORS, executorNames } from '../../bench/executors.ts';
 import {
@@ -66,6 +67,7 @@ function flags(): FlagSpec[] {
   return [
     { name: 'shape', short: 's', kind: 'string', choices: [...SHAPES, 'all', 'core'], help: 'graph shape (default: all); core = --micro' },
     { name: 'micro', kind: 'boolean', help: 'scheduler core micro-benchmarks only (no executor, no baselines)' },
+    { name: 'quick', kind: 'boolean', help: '--micro: a short benchmark.js suite (a smoke run)' },
     { name: 'n', short: 'n', kind: 'string', value: 'N', help: 'size: tasks, chain length or leaves; 10k and 1M work (default per shape)' },
     { name: 'executor', short: 'e', kind: 'string', choices: [...executorNames(), 'all'], help: `executor (default: all = ${DEFAULT_EXECUTORS.join(', ')})` },
     { name: 'workers', short: 'w', kind: 'count', value: 'N', help: `threads for pool and for the threaded baselines (default ${DEFAULT_WORKERS})` },
@@ -85,7 +87,7 @@ function usage(): string {
   return `Usage:
   weft bench [--shape S|all] [--n N] [--executor E|all] [--workers N] [--runs R] [--json OUT]
   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor E|all] [--workers N] [--json OUT]
-  weft bench --micro [--n N] [--runs R] [--json OUT]
+  weft bench --micro [--n N] [--runs R] [--quick] [--json OUT]
 
 Shapes (each node explicit, no mapping):
   independent  n no-op tasks                    chain      n no-op tasks, each on the previous
@@ -100,7 +102,11 @@ fresh executor per run (start-up included); medians of R runs after one warm-up.
 --micro (or --shape core) times the scheduler core alone: construction and the
 dispatch/success loop over independent, tree and chain graphs up to ~1M tasks
 (transitions/s with and without construction, bytes per task); --n sizes the independent
-suite (default 100k; the others scale with it); JSON rows go under "micro".
+suite (default 100k; the others scale with it); JSON rows go under "micro". Then a
+benchmark.js suite of small fixed ops (ReadyHeap push+pop of 1,024 keys; a 4,096-task
+independent, tree and chain run; construction of a 65,535-task tree): ops/s ± rme,
+transitions/s, bytes per task; --runs R sets its minimum samples (at least 5), --quick
+makes it a short smoke run; JSON rows go under "benchmarkjs".
 
 Replay runs each trace task as a busy spin of its recorded runtime x scale and compares
 the makespan with max(critical path, total work / workers), both scaled.
@@ -201,9 +207,13 @@ async function microMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
   const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
   const rows = coreMicro({ scale, runs, log: (line) => io.stderr.write(`${line}\n`) });
   io.stdout.write(`\nScheduler core (median of ${runs} samples)\n${microTable(rows)}\n\n${microTargets(rows)}\n`);
+  // benchmark.js suite (bench/core.benchmarkjs.ts): fewer than 5 runs is a smoke run for it too.
+  const quick = f.quick === true;
+  const bjs = await benchmarkjsSuite({ quick, minSamples: quick ? undefined : Math.max(5, runs), log: (line) => io.stderr.write(`${line}\n`) });
+  io.stdout.write(`\nScheduler core, benchmark.js${quick ? ' (quick)' : ''}\n${benchmarkjsTable(bjs)}\n\n${benchmarkjsNotes}\n`);
   const out = stringFlag(f, 'json');
   if (out !== undefined) {
-    const path = await writeJson(io, out, { ...benchJson([], [], { environment: environment(), runs }), micro: rows });
+    const path = await writeJson(io, out, { ...benchJson([], [], { environment: environment(), runs }), micro: rows, benchmarkjs: bjs });
     io.stderr.write(`wrote ${path}\n`);
   }
   return EXIT_OK;
@@ -218,6 +228,7 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
     if (shapeRaw !== undefined && shapeRaw !== 'core') throw new UsageError(`--micro runs the core suites only; drop --shape ${shapeRaw}`);
     return microMode(f, io);
   }
+  if (f.quick === true) throw new UsageError('--quick applies to --micro only');
   const shapeFlag = shapeRaw ?? 'all';
   const nRaw = stringFlag(f, 'n');
   const n = nRaw === undefined ? undefined : asUsage('n', () => parseCount(nRaw));
@@ -302,7 +313,7 @@ function replayFiles(graph: string, cwd: string): string[] {
 }
 
 async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
-  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only', 'micro']) {
+  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only', 'micro', 'quick']) {
     if (f[shapeOnly] !== undefined) throw new UsageError(`--${shapeOnly} does not apply to --graph`);
   }
   const tw = stringFlag(f, 'total-work');

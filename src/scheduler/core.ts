@@ -68,7 +68,7 @@ export type FailureKind =
 export interface CoreOptions {
   /** Check invariants after every event (slow: tests turn it on). */
   validate?: boolean;
-  /** Entries kept in the story ring (default 65,536). */
+  /** Entries kept in the story ring (default 8 per node, between 1,024 and 65,536). */
   storySize?: number;
   /** At most n running tasks carrying each tag. */
   tagLimits?: Readonly<Record<string, number>>;
@@ -236,7 +236,8 @@ export class SchedulerCore {
     this.poisonLimit = opts.poisonLimit ?? 3;
     this.inputLength = opts.inputLength ?? (() => 'no input lengths available');
     this.onTransition = opts.onTransition;
-    this.storyLen = opts.storySize ?? 65536;
+    // Bounded, and in proportion to the graph: a fresh ring is zero-filled per run.
+    this.storyLen = opts.storySize ?? Math.min(65536, Math.max(1024, 8 * spec.nodes.length));
     this.storyBuf = new Int32Array(STORY_W * this.storyLen);
 
     const cap = this.cap;
