@@ -9,7 +9,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import { FlowValidationError, TaskResolutionError, type SerializedError } from '../errors.ts';
+import { FlowValidationError, serializeError, TaskResolutionError, type SerializedError } from '../errors.ts';
 import type { Executor, Outcome, TaskCall } from '../executor/types.ts';
 import { LocalExecutor } from '../executor/local.ts';
 import type { GraphSpec, NodeSpec, TaskStateName } from '../flow/spec.ts';
@@ -310,6 +310,11 @@ class FlowRun {
       this.settleError(id, runId, err);
       return null;
     }
+    return this.call(id, node, runId, mapIndex, args);
+  }
+
+  private call(id: number, node: NodeSpec, runId: number, mapIndex: number, args: unknown[]): TaskCall {
+    const core = this.core;
     return {
       id,
       runId,
@@ -390,18 +395,7 @@ class FlowRun {
         return null;
       }
     }
-    return {
-      id,
-      runId,
-      taskKey: node.taskKey,
-      key: node.key,
-      args,
-      timeoutMs: opts.timeoutMs,
-      mapIndex,
-      attempt: core.attempts[id]!,
-      loopCount: core.loopCount[id]!,
-      loopResult: this.loopValues.get(id),
-    };
+    return this.call(id, node, runId, mapIndex, args);
   }
 
   private onOutcomes(outcomes: Outcome[]): void {
@@ -766,18 +760,12 @@ function signalKind(name: string): FailureKind | null {
   }
 }
 
+/** An error record: errors from other threads arrive as records already; in-process ones are serialized. */
 function toRecord(err: unknown): SerializedError {
-  if (err instanceof Error) {
-    const r: SerializedError = { name: err.name, message: err.message };
-    if (err.stack !== undefined) r.stack = err.stack;
-    const code = (err as { code?: unknown }).code;
-    if (typeof code === 'string') r.code = code;
-    const data = (err as { data?: unknown }).data;
-    if (data !== undefined) r.data = data;
-    return r;
+  if (!(err instanceof Error) && typeof err === 'object' && err !== null && typeof (err as SerializedError).name === 'string') {
+    return err as SerializedError;
   }
-  if (typeof err === 'object' && err !== null && typeof (err as SerializedError).name === 'string') return err as SerializedError;
-  return { name: 'Error', message: String(err) };
+  return serializeError(err);
 }
 
 function safeCall(fn: () => void, key: string): void {
