@@ -14,7 +14,7 @@ import type { Executor } from '../src/executor/types.ts';
 import type { GraphSpec } from '../src/flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../src/runner/types.ts';
 import { createExecutor as defaultCreateExecutor, releaseExecutors, type ExecutorSettings } from './executors.ts';
-import { analyzeWorkflow, graphName, loadWorkflow, lowerBoundS, replayGraph, type Scaling } from './replay.ts';
+import { analyzeWorkflow, graphName, loadWorkflow, lowerBoundS, replayGraph, type ReplayPriority, type Scaling } from './replay.ts';
 import { independent, type BuiltShape } from './shapes.ts';
 import { collectGarbage, median, usPer } from './stats.ts';
 
@@ -204,9 +204,11 @@ export interface ReplayResult {
   readonly runs: number;
   readonly samples_s: readonly number[];
   /** Median of (last task end − first task start) from the run's task records, seconds (0 when unknown). */
-  readonly task_span_s: number;
-  /** task_span_s / lower_bound_s: the schedule's quality without start-up cost. */
-  readonly task_span_ratio: number;
+  readonly makespan_tasks_s: number;
+  /** makespan_tasks_s / lower_bound_s: the schedule's quality without the executor's start-up. */
+  readonly ratio_tasks: number;
+  /** Ready-task priorities used: the trace's critical-path (upward) ranks, or none. */
+  readonly priority: ReplayPriority;
 }
 
 /** Last end − first start over the records of tasks that ran, seconds; 0 when no record has times. */
@@ -228,9 +230,10 @@ export async function benchReplay(
   scaling: Scaling,
   runs: number,
   deps: HarnessDeps,
+  priority: ReplayPriority = 'critical-path',
 ): Promise<ReplayResult> {
   try {
-    return await replayRuns(file, executorName, settings, scaling, runs, deps);
+    return await replayRuns(file, executorName, settings, scaling, runs, deps, priority);
   } finally {
     if (deps.createExecutor === undefined) await releaseExecutors();
   }
@@ -243,10 +246,11 @@ async function replayRuns(
   scaling: Scaling,
   runs: number,
   deps: HarnessDeps,
+  priority: ReplayPriority,
 ): Promise<ReplayResult> {
   const wf = loadWorkflow(file);
   const analysis = analyzeWorkflow(wf);
-  const g = replayGraph(wf, scaling, analysis);
+  const g = replayGraph(wf, scaling, analysis, { priority });
   const name = graphName(file);
   const what = `replay ${name} on ${executorName}`;
   deps.log?.(`running ${what} (${analysis.tasks} tasks, total work ${g.totalWorkS.toFixed(3)} s, 1 warm-up + ${runs} runs)`);
@@ -280,7 +284,8 @@ async function replayRuns(
     depth: analysis.depth,
     runs,
     samples_s: wall,
-    task_span_s: span,
-    task_span_ratio: span / lb,
+    makespan_tasks_s: span,
+    ratio_tasks: span / lb,
+    priority,
   };
 }

@@ -11,9 +11,11 @@
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import type { ArgBinding, GraphSpec } from '../src/flow/spec.ts';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import type { ArgBinding, GraphSpec, TaskOptions } from '../src/flow/spec.ts';
 import { SpecBuilder } from './shapes.ts';
+import { collectGarbage, fmt, median, table } from './stats.ts';
+import { BENCH_TASK_OPTIONS } from './tasks.ts';
 
 export interface WorkflowTask {
   readonly id: string;
@@ -200,10 +202,54 @@ export function parseDurationS(raw: string): number {
   return s;
 }
 
+/**
+ * How replay tasks are prioritised: `critical-path` gives each task a user `priority`
+ * equal to its upward rank (its runtime plus the longest path below it to an exit, in
+ * scaled seconds: the classic HEFT / critical-path list-scheduling priority), so weft's
+ * ready queue runs the task that heads the longest remaining chain first; `none` leaves
+ * every priority at 0 (weft's static memory-minimising order alone).
+ */
+export type ReplayPriority = 'critical-path' | 'none';
+export const REPLAY_PRIORITIES: readonly ReplayPriority[] = Object.freeze(['critical-path', 'none']);
+export const DEFAULT_PRIORITY: ReplayPriority = 'critical-path';
+
+/** Parses `--priority critical-path|none` (also `cp`, `off`). */
+export function parsePriority(raw: string): ReplayPriority {
+  const v = raw.trim().toLowerCase();
+  if (v === 'critical-path' || v === 'cp' || v === 'upward-rank') return 'critical-path';
+  if (v === 'none' || v === 'off') return 'none';
+  throw new RangeError(`--priority must be one of ${REPLAY_PRIORITIES.join(', ')} (got '${raw}')`);
+}
+
+/**
+ * Upward rank of each task (by task index), unscaled seconds: its own runtime plus the
+ * largest upward rank among the tasks that depend on it (0 for none). The largest rank
+ * is the critical path.
+ */
+export function upwardRanks(wf: Workflow, analysis: WorkflowAnalysis = analyzeWorkflow(wf)): Float64Array {
+  const n = analysis.tasks;
+  const below = new Float64Array(n);
+  const rank = new Float64Array(n);
+  // Reverse topological order: every dependent is ranked before its dependencies.
+  for (let k = n - 1; k >= 0; k--) {
+    const i = analysis.order[k]!;
+    const r = wf.tasks[i]!.runtime_s + below[i]!;
+    rank[i] = r;
+    for (const j of analysis.deps[i]!) if (r > below[j]!) below[j] = r;
+  }
+  return rank;
+}
+
+export interface ReplayOptions {
+  /** Default `critical-path`. */
+  readonly priority?: ReplayPriority;
+}
+
 export interface ReplayGraph {
   readonly spec: GraphSpec;
   readonly analysis: WorkflowAnalysis;
   readonly scale: number;
+  readonly priority: ReplayPriority;
   /** Scaled critical path and total work, seconds. */
   readonly criticalPathS: number;
   readonly totalWorkS: number;
@@ -212,9 +258,16 @@ export interface ReplayGraph {
 /**
  * One `busy(runtime_s × scale × 1000 ms)` node per trace task, keyed by the trace's task
  * id, in topological order; dependencies as `upstream` edges; the sinks are the
- * reference tasks.
+ * reference tasks. With `priority: 'critical-path'` (the default) each node's options
+ * carry its scaled upward rank as `priority`.
  */
-export function replayGraph(wf: Workflow, scaling: Scaling = DEFAULT_SCALING, analysis = analyzeWorkflow(wf)): ReplayGraph {
+export function replayGraph(
+  wf: Workflow,
+  scaling: Scaling = DEFAULT_SCALING,
+  analysis = analyzeWorkflow(wf),
+  options: ReplayOptions = {},
+): ReplayGraph {
+  const priority = options.priority ?? DEFAULT_PRIORITY;
   const scale = scaleFactor(analysis, scaling);
   const n = analysis.tasks;
   const b = new SpecBuilder(n);
@@ -229,6 +282,21 @@ export function replayGraph(wf: Workflow, scaling: Scaling = DEFAULT_SCALING, an
     });
     nodeOf[i] = b.add('busy', [ms], upstream, t.id);
   }
+  if (priority === 'critical-path') {
+    const rank = upwardRanks(wf, analysis);
+    // Equal ranks share one options object (the core decodes each distinct object once).
+    const shared = new Map<number, TaskOptions>();
+    for (let i = 0; i < n; i++) {
+      const p = rank[i]! * scale;
+      let o = shared.get(p);
+      if (o === undefined) {
+        o = Object.freeze({ ...BENCH_TASK_OPTIONS.busy, priority: p });
+        shared.set(p, o);
+      }
+      const id = nodeOf[i]!;
+      b.nodes[id] = { ...b.nodes[id]!, options: o };
+    }
+  }
   const sinks: number[] = [];
   for (let i = 0; i < n; i++) if (hasDownstream[i] === 0) sinks.push(nodeOf[i]!);
   sinks.sort((x, y) => x - y);
@@ -236,7 +304,209 @@ export function replayGraph(wf: Workflow, scaling: Scaling = DEFAULT_SCALING, an
     spec: b.build(`replay-${wf.name}`, sinks),
     analysis,
     scale,
+    priority,
     criticalPathS: analysis.criticalPathS * scale,
     totalWorkS: analysis.totalWorkS * scale,
   };
+}
+
+// ---- measuring a replay ---------------------------------------------------------------
+
+/** One replay case: a trace on one executor with one priority mode, medians of `runs` runs. */
+export interface ReplayMeasurement {
+  readonly graph: string;
+  readonly tasks: number;
+  /** Median wall clock around the run, seconds (a cold pool's start-up included). */
+  readonly makespan_s: number;
+  /** max(critical path, total work / workers) × scale, seconds. */
+  readonly lower_bound_s: number;
+  /** makespan_s / lower_bound_s. */
+  readonly ratio: number;
+  /** Median of (last task end − first task start) from the run's task records, seconds. */
+  readonly makespan_tasks_s: number;
+  /** makespan_tasks_s / lower_bound_s: the schedule alone, without the executor's start and stop. */
+  readonly ratio_tasks: number;
+  readonly executor: string;
+  readonly workers: number;
+  readonly priority: ReplayPriority;
+  readonly scale: number;
+  readonly critical_path_s: number;
+  readonly total_work_s: number;
+  readonly runs: number;
+  readonly samples_s: readonly number[];
+  readonly samples_tasks_s: readonly number[];
+}
+
+export interface MeasureOptions {
+  readonly executor: string;
+  readonly workers: number;
+  readonly scaling?: Scaling;
+  readonly priority?: ReplayPriority;
+  readonly runs: number;
+  readonly log?: (line: string) => void;
+}
+
+/** First task start → last task end over the task records, ms; 0 when no record has times. */
+export function taskSpanMs(records: readonly { readonly startMs: number; readonly endMs: number }[]): number {
+  let first = Infinity;
+  let last = -Infinity;
+  for (const t of records) {
+    if (t.startMs > 0 && t.startMs < first) first = t.startMs;
+    if (t.endMs > 0 && t.endMs > last) last = t.endMs;
+  }
+  return last > first ? last - first : 0;
+}
+
+/**
+ * Replays `file` on one executor (named as in `bench/executors.ts`): one untimed warm-up,
+ * then `runs` timed runs, each with the executor the factory gives (fresh for `pool`,
+ * the kept-alive one for `pool-warm`).
+ */
+export async function measureReplay(file: string, o: MeasureOptions): Promise<ReplayMeasurement> {
+  // Loaded on first use: the loader and the maths above need neither the runner nor the executors.
+  const [{ createExecutor, releaseExecutors }, { runFlow }] = await Promise.all([import('./executors.ts'), import('../src/runner/run.ts')]);
+  const wf = loadWorkflow(file);
+  const analysis = analyzeWorkflow(wf);
+  const g = replayGraph(wf, o.scaling ?? DEFAULT_SCALING, analysis, { priority: o.priority ?? DEFAULT_PRIORITY });
+  const name = graphName(file);
+  o.log?.(`replay ${name} on ${o.executor}, priority ${g.priority}: 1 warm-up + ${o.runs} runs`);
+  const wall: number[] = [];
+  const spans: number[] = [];
+  let workers = o.workers;
+  try {
+    for (let r = -1; r < o.runs; r++) {
+      const executor = await createExecutor(o.executor, { workers: o.workers });
+      collectGarbage();
+      const t0 = performance.now();
+      const res = await runFlow(g.spec, { executor, keepResults: false });
+      const wallS = (performance.now() - t0) / 1000;
+      if (res.state !== 'Success') throw new Error(`replay ${name} on ${o.executor}: flow ended ${res.state}: ${res.message}`);
+      workers = executor.workers;
+      if (r < 0) continue;
+      wall.push(wallS);
+      spans.push(taskSpanMs(res.tasks) / 1000);
+    }
+  } finally {
+    await releaseExecutors();
+  }
+  const lb = lowerBoundS(analysis, workers, g.scale);
+  const makespan = median(wall);
+  const span = median(spans);
+  return {
+    graph: name,
+    tasks: analysis.tasks,
+    makespan_s: makespan,
+    lower_bound_s: lb,
+    ratio: makespan / lb,
+    makespan_tasks_s: span,
+    ratio_tasks: span / lb,
+    executor: o.executor,
+    workers,
+    priority: g.priority,
+    scale: g.scale,
+    critical_path_s: g.criticalPathS,
+    total_work_s: g.totalWorkS,
+    runs: o.runs,
+    samples_s: wall,
+    samples_tasks_s: spans,
+  };
+}
+
+export function measurementTable(rows: readonly ReplayMeasurement[]): string {
+  return table(
+    ['graph', 'tasks', 'executor', 'priority', 'lower bound s', 'makespan s', 'ratio', 'task makespan s', 'ratio (tasks)'],
+    rows.map((r) => [
+      r.graph,
+      String(r.tasks),
+      r.executor,
+      r.priority,
+      fmt(r.lower_bound_s),
+      fmt(r.makespan_s),
+      `${fmt(r.ratio)}x`,
+      fmt(r.makespan_tasks_s),
+      `${fmt(r.ratio_tasks)}x`,
+    ]),
+  );
+}
+
+export interface ReplayArgs {
+  readonly graph: string;
+  readonly scaling: Scaling;
+  readonly executors: readonly string[];
+  readonly priorities: readonly ReplayPriority[];
+  readonly workers: number;
+  readonly runs: number;
+  readonly json: string | undefined;
+}
+
+/**
+ * Arguments of `node --import tsx bench/replay.ts`: `--graph FILE|NAME|all` (default all),
+ * `--total-work D` | `--scale X`, `--executor E[,E…]` (default pool-warm),
+ * `--priority critical-path|none|both` (default critical-path; a comma list works too),
+ * `--workers N` (2), `--runs R` (3), `--json OUT`.
+ */
+export function parseReplayArgs(argv: readonly string[]): ReplayArgs {
+  const v = new Map<string, string>();
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const m = /^--([a-z-]+)(?:=(.*))?$/.exec(a);
+    if (m === null) throw new RangeError(`unexpected argument '${a}'`);
+    const name = m[1]!;
+    if (!['graph', 'total-work', 'scale', 'executor', 'priority', 'workers', 'runs', 'json'].includes(name)) throw new RangeError(`unknown flag --${name}`);
+    const value = m[2] ?? argv[++i];
+    if (value === undefined) throw new RangeError(`--${name} needs a value`);
+    v.set(name, value);
+  }
+  const tw = v.get('total-work');
+  const sc = v.get('scale');
+  if (tw !== undefined && sc !== undefined) throw new RangeError('give --total-work or --scale, not both');
+  const scaling: Scaling = sc !== undefined ? { scale: Number(sc) } : tw !== undefined ? { totalWorkS: parseDurationS(tw) } : DEFAULT_SCALING;
+  const p = v.get('priority') ?? DEFAULT_PRIORITY;
+  const priorities = p === 'both' || p === 'all' ? [...REPLAY_PRIORITIES] : [...new Set(p.split(',').map(parsePriority))];
+  const int = (name: string, dflt: number): number => {
+    const raw = v.get(name);
+    const x = raw === undefined ? dflt : Number(raw);
+    if (!Number.isSafeInteger(x) || x < 1) throw new RangeError(`--${name} must be a positive integer (got '${raw}')`);
+    return x;
+  };
+  return {
+    graph: v.get('graph') ?? 'all',
+    scaling,
+    executors: (v.get('executor') ?? 'pool-warm').split(',').filter((e) => e !== ''),
+    priorities,
+    workers: int('workers', 2),
+    runs: int('runs', 3),
+    json: v.get('json'),
+  };
+}
+
+async function main(argv: readonly string[]): Promise<void> {
+  const args = parseReplayArgs(argv);
+  const files =
+    args.graph === 'all'
+      ? workflowFiles()
+      : [args.graph.endsWith('.json') ? args.graph : join(defaultWorkflowDir(), `${args.graph}.json`)];
+  const rows: ReplayMeasurement[] = [];
+  for (const file of files) {
+    for (const executor of args.executors) {
+      for (const priority of args.priorities) {
+        rows.push(
+          await measureReplay(file, { executor, workers: args.workers, scaling: args.scaling, priority, runs: args.runs, log: (l) => process.stderr.write(`${l}\n`) }),
+        );
+      }
+    }
+  }
+  process.stdout.write(`\nReplay (median of ${args.runs} runs; ratio = makespan / lower bound)\n${measurementTable(rows)}\n`);
+  if (args.json !== undefined) {
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(args.json, `${JSON.stringify(rows.length === 1 ? rows[0] : rows, null, 2)}\n`);
+    process.stderr.write(`wrote ${args.json}\n`);
+  }
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  main(process.argv.slice(2)).catch((err: unknown) => {
+    process.stderr.write(`bench/replay.ts: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exitCode = 1;
+  });
 }

@@ -95,18 +95,20 @@ export function shapeTable(results: readonly ShapeResult[], baselines: readonly 
 
 export function replayTable(results: readonly ReplayResult[]): string {
   return table(
-    ['graph', 'tasks', 'executor', 'workers', 'critical path s', 'work s', 'lower bound s', 'makespan s', 'ratio', 'task span ratio'],
+    ['graph', 'tasks', 'executor', 'workers', 'priority', 'critical path s', 'work s', 'lower bound s', 'makespan s', 'ratio', 'first start→last end', 'ratio'],
     results.map((r) => [
       r.graph,
       String(r.tasks),
       r.executor,
       String(r.workers),
+      r.priority,
       fmt(r.critical_path_s),
       fmt(r.total_work_s),
       fmt(r.lower_bound_s),
       fmt(r.makespan_s),
       `${fmt(r.ratio)}x`,
-      r.task_span_s > 0 ? `${fmt(r.task_span_ratio)}x` : '-',
+      r.makespan_tasks_s > 0 ? fmt(r.makespan_tasks_s) : '-',
+      r.makespan_tasks_s > 0 ? `${fmt(r.ratio_tasks)}x` : '-',
     ]),
   );
 }

@@ -198,6 +198,13 @@ describe('weft bench (CLI)', () => {
       'montage-chameleon-2mass-01d-001',
       'seismology-chameleon-1100p-001',
     ]);
+    for (const d of doc as unknown as Record<string, unknown>[]) {
+      expect(d.priority).toBe('critical-path');
+      for (const k of ['makespan_s', 'lower_bound_s', 'ratio', 'makespan_tasks_s', 'ratio_tasks']) expect(typeof d[k]).toBe('number');
+    }
+    const t2 = io(dir);
+    expect(await benchCommand(['--graph', 'blast-chameleon-large-001', '--scale', '1e-6', '--executor', 'local', '--runs', '1', '--priority', 'none', '--json', 'n.json'], t2)).toBe(0);
+    expect((JSON.parse(readFileSync(join(dir, 'n.json'), 'utf8')) as { priority: string }).priority).toBe('none');
   });
 
   it('usage errors exit 2 and name the flag', async () => {
@@ -206,6 +213,8 @@ describe('weft bench (CLI)', () => {
       [['--n', 'lots'], /--n: not a count/],
       [['--graph', 'all', '--total-work', '1s', '--scale', '2'], /not both/],
       [['--scale', '2'], /--scale applies to --graph only/],
+      [['--priority', 'none'], /--priority applies to --graph only/],
+      [['--graph', 'all', '--priority', 'soonest'], /--priority must be one of/],
       [['--graph', 'all', '--shape', 'tree'], /--shape does not apply/],
       [['--graph', 'no-such-trace'], /no file 'no-such-trace'/],
       [['--graph', 'all', '--total-work', 'soon'], /--total-work: not a duration/],

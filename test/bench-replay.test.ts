@@ -1,6 +1,16 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   analyzeWorkflow,
+  DEFAULT_PRIORITY,
+  measureReplay,
+  measurementTable,
+  parsePriority,
+  parseReplayArgs,
+  taskSpanMs,
+  upwardRanks,
   defaultWorkflowDir,
   graphName,
   loadWorkflow,
@@ -12,7 +22,7 @@ import {
   workflowFiles,
   type Workflow,
 } from '../bench/replay.ts';
-import { taskKey } from '../bench/tasks.ts';
+import { BENCH_TASK_OPTIONS, taskKey } from '../bench/tasks.ts';
 
 interface MetaStats {
   tasks: number;
@@ -144,5 +154,125 @@ describe('replay maths', () => {
         ]),
       ),
     ).toThrow(/cycle/);
+  });
+});
+
+describe('replay priorities (upward rank)', () => {
+  // Same diamond: a(1) → b(2) → d(1); a → c(5) → d. File order a, d, b, c.
+  const diamond = wf([
+    { id: 'a', runtime_s: 1 },
+    { id: 'd', runtime_s: 1, deps: ['b', 'c'] },
+    { id: 'b', runtime_s: 2, deps: ['a'] },
+    { id: 'c', runtime_s: 5, deps: ['a', 'a'] },
+  ]);
+
+  it('upward rank = own runtime + the longest path below to an exit', () => {
+    expect([...upwardRanks(diamond)]).toEqual([7, 1, 3, 6]);
+    // Two exits, a chain and a fork: x(2) → y(3), x → z(1) → w(4).
+    const fork = wf([
+      { id: 'w', runtime_s: 4, deps: ['z'] },
+      { id: 'x', runtime_s: 2 },
+      { id: 'y', runtime_s: 3, deps: ['x'] },
+      { id: 'z', runtime_s: 1, deps: ['x'] },
+      { id: 'solo', runtime_s: 0.5 },
+    ]);
+    expect([...upwardRanks(fork)]).toEqual([4, 7, 3, 5, 0.5]);
+  });
+
+  it('the largest upward rank is the critical path (every trace)', () => {
+    for (const file of workflowFiles()) {
+      const w = loadWorkflow(file);
+      const a = analyzeWorkflow(w);
+      expect(Math.max(...upwardRanks(w, a))).toBeCloseTo(a.criticalPathS, 6);
+    }
+  });
+
+  it('critical-path (the default) sets each node priority to its scaled rank; none leaves 0', () => {
+    expect(DEFAULT_PRIORITY).toBe('critical-path');
+    const g = replayGraph(diamond, { scale: 0.5 });
+    expect(g.priority).toBe('critical-path');
+    const byKey = new Map(g.spec.nodes.map((n) => [n.key, n.options]));
+    expect(byKey.get('a')!.priority).toBeCloseTo(3.5, 12);
+    expect(byKey.get('b')!.priority).toBeCloseTo(1.5, 12);
+    expect(byKey.get('c')!.priority).toBeCloseTo(3, 12);
+    expect(byKey.get('d')!.priority).toBeCloseTo(0.5, 12);
+    // Everything else is the busy task's options.
+    expect({ ...byKey.get('c')!, priority: 0 }).toEqual({ ...BENCH_TASK_OPTIONS.busy, priority: 0 });
+    const none = replayGraph(diamond, { scale: 0.5 }, analyzeWorkflow(diamond), { priority: 'none' });
+    expect(none.priority).toBe('none');
+    for (const n of none.spec.nodes) expect(n.options).toBe(BENCH_TASK_OPTIONS.busy);
+  });
+
+  it('parses --priority', () => {
+    expect(parsePriority('critical-path')).toBe('critical-path');
+    expect(parsePriority('CP')).toBe('critical-path');
+    expect(parsePriority('none')).toBe('none');
+    expect(parsePriority('off')).toBe('none');
+    expect(() => parsePriority('fifo')).toThrow(/critical-path, none/);
+  });
+});
+
+describe('replay runner arguments and measurement', () => {
+  it('parses the flags, with defaults', () => {
+    const d = parseReplayArgs([]);
+    expect(d).toEqual({ graph: 'all', scaling: { totalWorkS: 2 }, executors: ['pool-warm'], priorities: ['critical-path'], workers: 2, runs: 3, json: undefined });
+    const a = parseReplayArgs(['--graph', 'montage', '--total-work=500ms', '--executor', 'pool,pool-warm', '--priority', 'both', '--workers', '4', '--runs=5', '--json', 'o.json']);
+    expect(a).toEqual({
+      graph: 'montage',
+      scaling: { totalWorkS: 0.5 },
+      executors: ['pool', 'pool-warm'],
+      priorities: ['critical-path', 'none'],
+      workers: 4,
+      runs: 5,
+      json: 'o.json',
+    });
+    expect(parseReplayArgs(['--priority', 'none']).priorities).toEqual(['none']);
+    expect(parseReplayArgs(['--priority', 'none,cp,none']).priorities).toEqual(['none', 'critical-path']);
+    expect(parseReplayArgs(['--scale', '0.01']).scaling).toEqual({ scale: 0.01 });
+    expect(() => parseReplayArgs(['--priority', 'random'])).toThrow(RangeError);
+    expect(() => parseReplayArgs(['--total-work', '2s', '--scale', '1'])).toThrow(/not both/);
+    expect(() => parseReplayArgs(['--runs', '0'])).toThrow(/positive integer/);
+    expect(() => parseReplayArgs(['--bogus', '1'])).toThrow(/unknown flag/);
+    expect(() => parseReplayArgs(['--graph'])).toThrow(/needs a value/);
+    expect(() => parseReplayArgs(['stray'])).toThrow(/unexpected/);
+  });
+
+  it('task span = last end − first start over the records that ran', () => {
+    expect(taskSpanMs([])).toBe(0);
+    expect(
+      taskSpanMs([
+        { startMs: 100, endMs: 150 },
+        { startMs: 0, endMs: 0 },
+        { startMs: 120, endMs: 400 },
+      ]),
+    ).toBe(300);
+  });
+
+  it('measures a small trace on the local executor: documented and extra fields', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'weft-replay-'));
+    try {
+      const file = join(dir, 'tiny.json');
+      const tasks = [
+        { id: 'a', runtime_s: 1, deps: [] },
+        { id: 'b', runtime_s: 2, deps: ['a'] },
+        { id: 'c', runtime_s: 5, deps: ['a'] },
+        { id: 'd', runtime_s: 1, deps: ['b', 'c'] },
+      ];
+      writeFileSync(file, JSON.stringify({ name: 'tiny', source: 'test', tasks }));
+      for (const priority of ['critical-path', 'none'] as const) {
+        const m = await measureReplay(file, { executor: 'local', workers: 1, scaling: { totalWorkS: 0.018 }, priority, runs: 1 });
+        expect(m).toMatchObject({ graph: 'tiny', tasks: 4, executor: 'local', workers: 1, priority, runs: 1 });
+        // One worker: the bound is the total work.
+        expect(m.lower_bound_s).toBeCloseTo(0.018, 9);
+        expect(m.makespan_tasks_s).toBeGreaterThanOrEqual(0.018 * 0.999);
+        expect(m.makespan_s).toBeGreaterThanOrEqual(m.makespan_tasks_s);
+        expect(m.ratio).toBeCloseTo(m.makespan_s / m.lower_bound_s, 9);
+        expect(m.ratio_tasks).toBeCloseTo(m.makespan_tasks_s / m.lower_bound_s, 9);
+        expect(m.samples_s).toHaveLength(1);
+        expect(measurementTable([m])).toContain('tiny');
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -30,7 +30,7 @@ import {
   type RunFlowFn,
   type ShapeResult,
 } from '../../bench/harness.ts';
-import { defaultWorkflowDir, DEFAULT_SCALING, parseDurationS, workflowFiles, type Scaling } from '../../bench/replay.ts';
+import { defaultWorkflowDir, DEFAULT_SCALING, parseDurationS, parsePriority, workflowFiles, type Scaling } from '../../bench/replay.ts';
 import {
   baselineTable,
   benchJson,
@@ -79,6 +79,7 @@ function flags(): FlagSpec[] {
     { name: 'graph', short: 'g', kind: 'string', value: 'FILE', help: "replay a workflow trace: a file, a name in ../shared/workflows, or 'all'" },
     { name: 'total-work', kind: 'string', value: 'DURATION', help: 'replay: scale runtimes so the total work is this long (default 2s)' },
     { name: 'scale', kind: 'string', value: 'X', help: 'replay: multiply recorded runtimes by X instead' },
+    { name: 'priority', kind: 'string', choices: ['critical-path', 'none'], help: 'replay: ready-task priorities from the trace\'s critical-path ranks (default) or none' },
     { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
   ];
 }
@@ -86,7 +87,7 @@ function flags(): FlagSpec[] {
 function usage(): string {
   return `Usage:
   weft bench [--shape S|all] [--n N] [--executor E|all] [--workers N] [--runs R] [--json OUT]
-  weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor E|all] [--workers N] [--json OUT]
+  weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--priority critical-path|none] [--executor E|all] [--workers N] [--json OUT]
   weft bench --micro [--n N] [--runs R] [--quick] [--json OUT]
 
 Shapes (each node explicit, no mapping):
@@ -220,7 +221,7 @@ async function microMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
 }
 
 async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
-  for (const replayOnly of ['total-work', 'scale']) {
+  for (const replayOnly of ['total-work', 'scale', 'priority']) {
     if (f[replayOnly] !== undefined) throw new UsageError(`--${replayOnly} applies to --graph only`);
   }
   const shapeRaw = stringFlag(f, 'shape');
@@ -316,6 +317,7 @@ async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pr
   for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only', 'micro', 'quick']) {
     if (f[shapeOnly] !== undefined) throw new UsageError(`--${shapeOnly} does not apply to --graph`);
   }
+  const priority = parsePriority(stringFlag(f, 'priority') ?? 'critical-path');
   const tw = stringFlag(f, 'total-work');
   const sc = stringFlag(f, 'scale');
   if (tw !== undefined && sc !== undefined) throw new UsageError('give --total-work or --scale, not both');
@@ -337,7 +339,7 @@ async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pr
   for (const file of files) {
     for (const e of executors) {
       try {
-        results.push(await benchReplay(file, e, { workers }, scaling, runs, deps));
+        results.push(await benchReplay(file, e, { workers }, scaling, runs, deps, priority));
       } catch (err) {
         failed = true;
         io.stderr.write(`weft bench: replay of ${file} on ${e} failed: ${errorText(err)}\n`);

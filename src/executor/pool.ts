@@ -12,10 +12,16 @@
  * - Adaptive batches: the pool keeps a moving average of each task's measured duration.
  *   A batch for a worker is filled while its estimated cost stays under TARGET_BATCH_MS
  *   (and under `prefetch / 2` calls), and a worker gets another batch only while its
- *   outstanding estimated work is under TARGET_BATCH_MS. So no-op tasks travel in
- *   batches of hundreds, two batches deep, while a task that takes ≥ 1 ms goes alone
- *   and only to an idle worker: a slow task never holds queued ones hostage. A task
- *   never seen before counts as slow until its first outcome returns.
+ *   outstanding estimated work is under TARGET_BATCH_MS or it holds fewer than
+ *   LOOKAHEAD_CALLS (2) calls. Idle workers are served first. So no-op tasks travel in
+ *   batches of hundreds, two batches deep, while a task that takes ≥ 1 ms goes alone,
+ *   to an idle worker if there is one, else as the one call queued behind a running
+ *   one (so the worker starts it without waiting a round trip for the main thread). A
+ *   task never seen before counts as slow until its first outcome returns.
+ * - Held work: `freeSlots()` reports 0 while the pending (not yet dispatched) calls hold
+ *   ≥ one per worker and ≥ PENDING_HORIZON_MS estimated work per worker, so slow ready
+ *   calls wait in the scheduler's priority queue (which orders them) rather than in
+ *   this FIFO; no-op calls still fill every slot.
  * - Timeouts: a call with `timeoutMs > 0` goes alone to an idle worker, which then gets
  *   nothing else until it finishes; the pool arms a timer; on expiry the outcome is
  *   'timeout' and the worker is replaced (thread terminated through piscina's abort
@@ -65,6 +71,18 @@ import { BOOTSTRAP, ProcessLink, ThreadLink, type WorkerEvents, type WorkerLink 
 
 /** A batch (and a worker's queue) holds about this much estimated work (ms). */
 const TARGET_BATCH_MS = 1;
+/**
+ * Calls a busy worker may hold whatever their estimate (the running one + queued ones):
+ * 2 keeps the next call on the worker, so it starts as soon as the running one ends,
+ * not a round trip later (Dask's worker-saturation 1.1 on a one-thread worker).
+ */
+const LOOKAHEAD_CALLS = 2;
+/**
+ * Accepted-but-not-dispatched work the pool holds (ms, estimated, at least one call per
+ * worker): beyond it `freeSlots()` reports 0 and further ready calls wait in the
+ * scheduler's priority queue, which then decides their order, not this FIFO.
+ */
+const PENDING_HORIZON_MS = 4 * TARGET_BATCH_MS;
 /** Moving-average weight of a new duration sample. */
 const EWMA = 0.3;
 /** A warm pool starts its task table afresh (on every worker) past this many keys. */
@@ -148,6 +166,8 @@ export class PoolExecutor implements Executor {
   private pending: (TaskCall | null)[] = [];
   private pHead = 0;
   private pendingCount = 0;
+  /** Estimated work of the pending calls (ms; approximate: estimates move, so it is reset when `pending` empties). */
+  private pendingEst = 0;
 
   // In-flight table, indexed by slot.
   private readonly calls: (TaskCall | null)[];
@@ -247,7 +267,11 @@ export class PoolExecutor implements Executor {
   }
 
   freeSlots(): number {
-    return this.session === null ? 0 : this.capacity - this.accepted;
+    if (this.session === null) return 0;
+    // Enough is queued here to feed every worker until the next outcome: the rest waits
+    // in the scheduler's priority order (only slow calls get here; no-ops fill the slots).
+    if (this.pendingCount >= this.workers && this.pendingEst >= PENDING_HORIZON_MS * this.workers) return 0;
+    return this.capacity - this.accepted;
   }
 
   submit(calls: TaskCall[]): void {
@@ -258,7 +282,13 @@ export class PoolExecutor implements Executor {
       throw new RangeError(`PoolExecutor: submit() of ${n} calls with only ${this.capacity - this.accepted} free slots`);
     }
     const p = this.pending;
-    for (let i = 0; i < n; i++) p.push(calls[i]!);
+    let cost = 0;
+    for (let i = 0; i < n; i++) {
+      const c = calls[i]!;
+      p.push(c);
+      cost += this.estimate(this.indexOf(c.taskKey));
+    }
+    this.pendingEst += cost;
     this.accepted += n;
     this.pendingCount += n;
     this.queueDispatch();
@@ -273,6 +303,7 @@ export class PoolExecutor implements Executor {
       if (c != null && wanted.has(c.id)) {
         p[i] = null;
         this.pendingCount--;
+        this.pendingEst = this.pendingCount === 0 ? 0 : Math.max(0, this.pendingEst - this.estimate(this.indexOf(c.taskKey)));
         this.accepted--;
         this.pushLocal(c, 'cancelled', new CancelledError(`task "${c.key}" was cancelled`), '');
       }
@@ -332,6 +363,7 @@ export class PoolExecutor implements Executor {
     this.pending = [];
     this.pHead = 0;
     this.pendingCount = 0;
+    this.pendingEst = 0;
     this.accepted = 0;
     for (let s = 0; s < this.capacity; s++) {
       if (this.calls[s] !== null) {
@@ -482,6 +514,7 @@ export class PoolExecutor implements Executor {
       if (c != null) {
         p[i] = null;
         this.pendingCount--;
+        this.pendingEst = 0;
         this.accepted--;
         this.pushLocal(c, 'error', error, '');
       }
@@ -499,7 +532,12 @@ export class PoolExecutor implements Executor {
     });
   }
 
-  /** Hand pending calls to workers that can take them, one batch per worker per round. */
+  /**
+   * Hand pending calls to workers that can take them, one batch per worker per round:
+   * idle workers first (a call never waits behind another while a worker is idle), then
+   * busy ones, while their estimated work is under TARGET_BATCH_MS or they hold fewer
+   * than LOOKAHEAD_CALLS calls.
+   */
   private dispatch(): void {
     if (this.session === null) return;
     const ws = this.slots;
@@ -509,7 +547,12 @@ export class PoolExecutor implements Executor {
       progress = false;
       for (let k = 0; k < nw && this.pendingCount > 0; k++) {
         const w = ws[(this.rr + k) % nw]!;
-        if (w.state !== 'ready' || w.exclusive || w.out >= this.prefetch || w.outEst >= TARGET_BATCH_MS) continue;
+        if (w.state === 'ready' && w.out === 0 && !w.exclusive && this.sendBatch(w) > 0) progress = true;
+      }
+      for (let k = 0; k < nw && this.pendingCount > 0; k++) {
+        const w = ws[(this.rr + k) % nw]!;
+        if (w.state !== 'ready' || w.exclusive || w.out >= this.prefetch) continue;
+        if (w.outEst >= TARGET_BATCH_MS && w.out >= LOOKAHEAD_CALLS) continue;
         // Hysteresis: a worker that still holds a full batch gets no small one. Its next
         // outcome message dispatches again, by when the runner has refilled `pending`;
         // without this, batch sizes settle at the size of the outcome messages (~60
@@ -563,6 +606,7 @@ export class PoolExecutor implements Executor {
     this.pHead = skipNulls(p, this.pHead, q);
     if (count === 0) return 0;
     this.pendingCount -= count;
+    this.pendingEst = this.pendingCount === 0 ? 0 : Math.max(0, this.pendingEst - cost);
     const sent = this.post(w, batch);
     w.out += sent;
     w.outEst += sent === count ? cost : TARGET_BATCH_MS * sent;
@@ -655,6 +699,12 @@ export class PoolExecutor implements Executor {
     const retry = this.encode(w, keep);
     w.link.send(retry, transferOf(retry));
     return keep.length;
+  }
+
+  /** A call's estimated duration (ms): the moving average of its task, TARGET_BATCH_MS when unknown. */
+  private estimate(t: number): number {
+    const e = this.est[t]!;
+    return e < 0 ? TARGET_BATCH_MS : e;
   }
 
   private indexOf(taskKey: string): number {
