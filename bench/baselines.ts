@@ -12,6 +12,10 @@
  *   one task being one id out and one id back. weft's ratios are against this one.
  * - `postmessage-unbatched`: the same with one id per message (64 in flight per worker):
  *   why the executor batches.
+ * - `postmessage-roundtrip`: one id in flight at a time through one echo thread: the
+ *   latency of a thread round trip (a wake-up on each side). A chain of tasks on a pool
+ *   pays it once per link, so it is the chain's limit as the batched figure is the
+ *   independent tasks' limit.
  *
  * Pools and workers start before the clock and stay up across the runs (steady state);
  * each baseline has one untimed warm-up run.
@@ -46,7 +50,7 @@ export interface BaselineOptions {
   readonly only?: readonly BaselineName[];
 }
 
-export const BASELINES = ['loop-noop', 'piscina-run', 'postmessage-batched', 'postmessage-unbatched'] as const;
+export const BASELINES = ['loop-noop', 'piscina-run', 'postmessage-batched', 'postmessage-unbatched', 'postmessage-roundtrip'] as const;
 export type BaselineName = (typeof BASELINES)[number];
 
 /** The baseline the harness divides weft's µs/task by. */
@@ -55,6 +59,8 @@ export const REFERENCE_BASELINE: BaselineName = 'postmessage-batched';
 export const DEFAULT_BATCH = 1000;
 /** The unbatched postMessage baseline is ~10× slower per task: cap its n so it stays short. */
 const UNBATCHED_MAX_N = 100_000;
+/** The round-trip baseline costs tens of µs per message: cap its n. */
+const ROUNDTRIP_MAX_N = 5_000;
 /** The loop baseline runs at least this many calls (fewer would time the interpreter, not optimised code). */
 const LOOP_MIN_N = 1_000_000;
 
@@ -172,6 +178,18 @@ export async function postMessageBaseline(n: number, workers = 2, runs = 5, batc
   }
 }
 
+/** One message in flight at a time through one echo thread: the round-trip latency. */
+export async function roundTripBaseline(n: number, runs = 5): Promise<BaselineResult> {
+  const echo = new EchoWorkers(1);
+  try {
+    await echo.ready();
+    const samples = await timeRuns(runs, () => echo.round(n, 1, 1));
+    return result('postmessage-roundtrip', n, samples, 1, 1);
+  } finally {
+    await echo.close();
+  }
+}
+
 /** Runs the selected baselines one after the other (never concurrently: they share 2 cores). */
 export async function runBaselines(opts: BaselineOptions): Promise<BaselineResult[]> {
   const { n } = opts;
@@ -182,6 +200,7 @@ export async function runBaselines(opts: BaselineOptions): Promise<BaselineResul
   if (only.has('loop-noop')) out.push(await loopBaseline(Math.max(n, LOOP_MIN_N), runs));
   if (only.has('postmessage-batched')) out.push(await postMessageBaseline(n, workers, runs, opts.batch ?? DEFAULT_BATCH));
   if (only.has('postmessage-unbatched')) out.push(await postMessageBaseline(Math.min(n, UNBATCHED_MAX_N), workers, runs, 1));
+  if (only.has('postmessage-roundtrip')) out.push(await roundTripBaseline(Math.min(n, ROUNDTRIP_MAX_N), runs));
   if (only.has('piscina-run')) out.push(await piscinaBaseline(n, workers, runs));
   return out;
 }

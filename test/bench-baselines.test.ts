@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { EchoWorkers, loopBaseline, piscinaBaseline, postMessageBaseline, runBaselines } from '../bench/baselines.ts';
+import { EchoWorkers, loopBaseline, piscinaBaseline, postMessageBaseline, roundTripBaseline, runBaselines } from '../bench/baselines.ts';
 
 describe('baselines (tiny n)', () => {
   it('loop, piscina and postMessage report positive medians over their runs', async () => {
@@ -7,7 +7,8 @@ describe('baselines (tiny n)', () => {
     const pis = await piscinaBaseline(500, 2, 3);
     const batched = await postMessageBaseline(5_000, 2, 3, 100);
     const single = await postMessageBaseline(500, 2, 3, 1);
-    for (const b of [loop, pis, batched, single]) {
+    const rt = await roundTripBaseline(200, 3);
+    for (const b of [loop, pis, batched, single, rt]) {
       expect(b.samples_s).toHaveLength(3);
       expect(b.median_s).toBeGreaterThan(0);
       expect(b.us_per_task).toBeCloseTo((b.median_s * 1e6) / b.n, 9);
@@ -15,6 +16,7 @@ describe('baselines (tiny n)', () => {
     expect(batched).toMatchObject({ name: 'postmessage-batched', n: 5_000, workers: 2, batch: 100 });
     expect(single).toMatchObject({ name: 'postmessage-unbatched', batch: 1 });
     expect(pis).toMatchObject({ name: 'piscina-run', n: 500, workers: 2 });
+    expect(rt).toMatchObject({ name: 'postmessage-roundtrip', n: 200, workers: 1, batch: 1 });
   });
 
   it('the echo workers return every id, whatever the batch and window', async () => {

@@ -160,7 +160,7 @@ describe('weft bench (CLI)', () => {
       'mapreduce/pool',
       'mapreduce/pool-warm',
     ]);
-    expect(doc.baselines.map((b) => b.name)).toEqual(['loop-noop', 'postmessage-batched', 'postmessage-unbatched', 'piscina-run']);
+    expect(doc.baselines.map((b) => b.name)).toEqual(['loop-noop', 'postmessage-batched', 'postmessage-unbatched', 'postmessage-roundtrip', 'piscina-run']);
     for (const b of doc.baselines) {
       expect(typeof b.name).toBe('string');
       for (const k of ['n', 'median_s', 'us_per_task']) expect(b[k]).toBeGreaterThan(0);
