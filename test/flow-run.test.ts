@@ -447,8 +447,16 @@ describe('signals and retries', () => {
 
   it('loop() runs the task again with the carried value', async () => {
     const f = flow('loop', () => countTo(3));
-    const r = await f.run();
+    const seen: string[] = [];
+    const r = await f.run({ onTaskState: (e) => seen.push(`${e.from}>${e.to}`) });
     expect(r.result(f.outputs)).toBe(303);
+    // Each loop passes through Looped, as in Prefect 1.
+    expect(seen).toEqual([
+      'Pending>Scheduled',
+      ...Array.from({ length: 3 }, () => ['Scheduled>Running', 'Running>Looped', 'Looped>Scheduled']).flat(),
+      'Scheduled>Running',
+      'Running>Success',
+    ]);
   });
 
   it('pause() pauses the task and the run', async () => {

@@ -912,10 +912,10 @@ describe('run state and diagnostics', () => {
       fail(core, a, 'loop');
     }
     expect(core.story(a)).toEqual([
-      '#8 ready -> running (run 4, attempt 1)',
-      '#9 running -> ready',
-      '#10 ready -> running (run 5, attempt 1)',
-      '#11 running -> ready',
+      '#13 looped -> ready',
+      '#14 ready -> running (run 5, attempt 1)',
+      '#15 running -> looped',
+      '#16 looped -> ready',
     ]);
   });
 

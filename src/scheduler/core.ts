@@ -27,6 +27,7 @@ import {
   FAILED,
   isFailedLike,
   isFinished,
+  LOOPED,
   MAPPED,
   MAPPING,
   N_STATES,
@@ -102,7 +103,8 @@ const allow = (from: StateCode, ...to: StateCode[]): void => {
 };
 allow(PENDING, READY, SKIPPED, TRIGGER_FAILED, PAUSED, MAPPING, FAILED, CANCELLED);
 allow(READY, RUNNING, CANCELLED);
-allow(RUNNING, SUCCESS, CACHED, FAILED, TIMED_OUT, SKIPPED, PAUSED, RETRYING, READY, CANCELLED);
+allow(RUNNING, SUCCESS, CACHED, FAILED, TIMED_OUT, SKIPPED, PAUSED, RETRYING, READY, LOOPED, CANCELLED);
+allow(LOOPED, READY);
 allow(RETRYING, READY, CANCELLED);
 allow(PAUSED, READY, CANCELLED);
 allow(MAPPING, MAPPED, CANCELLED);
@@ -486,6 +488,7 @@ export class SchedulerCore {
         }
         this.loopCount[id]!++;
         this.flags[id]! |= F_LOOP;
+        this.setState(id, LOOPED);
         this.setState(id, READY);
         this.heap.push(id);
         break;

@@ -14,15 +14,16 @@ export const RUNNING = 2; // dispatched to the executor with the current run id
 export const RETRYING = 3; // failed, waiting for its retry time
 export const MAPPING = 4; // a mapped parent whose children are not all finished
 export const PAUSED = 5; // paused by a signal or a manualOnly trigger; waits for resume
-export const SUCCESS = 6;
-export const CACHED = 7;
-export const MAPPED = 8; // a mapped parent whose children all finished
-export const SKIPPED = 9;
-export const FAILED = 10;
-export const TIMED_OUT = 11;
-export const TRIGGER_FAILED = 12;
-export const CANCELLED = 13;
-export const N_STATES = 14;
+export const LOOPED = 6; // raised the loop signal: passes straight on to READY (transient, visible to listeners)
+export const SUCCESS = 7;
+export const CACHED = 8;
+export const MAPPED = 9; // a mapped parent whose children all finished
+export const SKIPPED = 10;
+export const FAILED = 11;
+export const TIMED_OUT = 12;
+export const TRIGGER_FAILED = 13;
+export const CANCELLED = 14;
+export const N_STATES = 15;
 
 export type StateCode = number;
 
@@ -33,6 +34,7 @@ export const STATE_NAMES: readonly TaskStateName[] = [
   'Retrying',
   'Mapped',
   'Paused',
+  'Looped',
   'Success',
   'Cached',
   'Mapped',
@@ -51,6 +53,7 @@ export const STATE_LABELS: readonly string[] = [
   'retrying',
   'mapping',
   'paused',
+  'looped',
   'success',
   'cached',
   'mapped',
