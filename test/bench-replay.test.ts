@@ -5,11 +5,7 @@ import { describe, expect, it } from 'vitest';
 import {
   analyzeWorkflow,
   DEFAULT_PRIORITY,
-  measureReplay,
-  measurementTable,
   parsePriority,
-  parseReplayArgs,
-  taskSpanMs,
   upwardRanks,
   defaultWorkflowDir,
   graphName,
@@ -23,6 +19,9 @@ import {
   type Workflow,
 } from '../bench/replay.ts';
 import { BENCH_TASK_OPTIONS, taskKey } from '../bench/tasks.ts';
+import { benchReplay, loadRunFlow, taskSpanS } from '../bench/harness.ts';
+import { replayTable } from '../bench/report.ts';
+import type { FlowRunResult, TaskRunRecord } from '../src/runner/types.ts';
 
 interface MetaStats {
   tasks: number;
@@ -212,40 +211,12 @@ describe('replay priorities (upward rank)', () => {
   });
 });
 
-describe('replay runner arguments and measurement', () => {
-  it('parses the flags, with defaults', () => {
-    const d = parseReplayArgs([]);
-    expect(d).toEqual({ graph: 'all', scaling: { totalWorkS: 2 }, executors: ['pool-warm'], priorities: ['critical-path'], workers: 2, runs: 3, json: undefined });
-    const a = parseReplayArgs(['--graph', 'montage', '--total-work=500ms', '--executor', 'pool,pool-warm', '--priority', 'both', '--workers', '4', '--runs=5', '--json', 'o.json']);
-    expect(a).toEqual({
-      graph: 'montage',
-      scaling: { totalWorkS: 0.5 },
-      executors: ['pool', 'pool-warm'],
-      priorities: ['critical-path', 'none'],
-      workers: 4,
-      runs: 5,
-      json: 'o.json',
-    });
-    expect(parseReplayArgs(['--priority', 'none']).priorities).toEqual(['none']);
-    expect(parseReplayArgs(['--priority', 'none,cp,none']).priorities).toEqual(['none', 'critical-path']);
-    expect(parseReplayArgs(['--scale', '0.01']).scaling).toEqual({ scale: 0.01 });
-    expect(() => parseReplayArgs(['--priority', 'random'])).toThrow(RangeError);
-    expect(() => parseReplayArgs(['--total-work', '2s', '--scale', '1'])).toThrow(/not both/);
-    expect(() => parseReplayArgs(['--runs', '0'])).toThrow(/positive integer/);
-    expect(() => parseReplayArgs(['--bogus', '1'])).toThrow(/unknown flag/);
-    expect(() => parseReplayArgs(['--graph'])).toThrow(/needs a value/);
-    expect(() => parseReplayArgs(['stray'])).toThrow(/unexpected/);
-  });
-
+describe('replay measurement (harness)', () => {
   it('task span = last end − first start over the records that ran', () => {
-    expect(taskSpanMs([])).toBe(0);
-    expect(
-      taskSpanMs([
-        { startMs: 100, endMs: 150 },
-        { startMs: 0, endMs: 0 },
-        { startMs: 120, endMs: 400 },
-      ]),
-    ).toBe(300);
+    const rec = (startMs: number, endMs: number) => ({ startMs, endMs }) as TaskRunRecord;
+    const res = (tasks: TaskRunRecord[]) => ({ tasks }) as unknown as FlowRunResult;
+    expect(taskSpanS(res([]))).toBe(0);
+    expect(taskSpanS(res([rec(100, 150), rec(0, 0), rec(120, 400)]))).toBeCloseTo(0.3, 12);
   });
 
   it('measures a small trace on the local executor: documented and extra fields', async () => {
@@ -259,8 +230,9 @@ describe('replay runner arguments and measurement', () => {
         { id: 'd', runtime_s: 1, deps: ['b', 'c'] },
       ];
       writeFileSync(file, JSON.stringify({ name: 'tiny', source: 'test', tasks }));
+      const deps = { runFlow: await loadRunFlow() };
       for (const priority of ['critical-path', 'none'] as const) {
-        const m = await measureReplay(file, { executor: 'local', workers: 1, scaling: { totalWorkS: 0.018 }, priority, runs: 1 });
+        const m = await benchReplay(file, 'local', { workers: 1 }, { totalWorkS: 0.018 }, 1, deps, priority);
         expect(m).toMatchObject({ graph: 'tiny', tasks: 4, executor: 'local', workers: 1, priority, runs: 1 });
         // One worker: the bound is the total work.
         expect(m.lower_bound_s).toBeCloseTo(0.018, 9);
@@ -269,7 +241,7 @@ describe('replay runner arguments and measurement', () => {
         expect(m.ratio).toBeCloseTo(m.makespan_s / m.lower_bound_s, 9);
         expect(m.ratio_tasks).toBeCloseTo(m.makespan_tasks_s / m.lower_bound_s, 9);
         expect(m.samples_s).toHaveLength(1);
-        expect(measurementTable([m])).toContain('tiny');
+        expect(replayTable([m])).toContain('tiny');
       }
     } finally {
       rmSync(dir, { recursive: true, force: true });
