@@ -304,7 +304,7 @@ class FlowRun {
     if (node.kind !== 'task' || this.special[core.node[id]!] === 1) return this.settle(id, node, runId, mapIndex);
     let args: unknown[];
     try {
-      args = this.argsFor(id, node, mapIndex);
+      args = this.argsFor(node, mapIndex);
     } catch (err) {
       this.startMs[id] = now();
       this.settleError(id, runId, err);
@@ -345,7 +345,7 @@ class FlowRun {
     }
     let args: unknown[];
     try {
-      args = this.argsFor(id, node, mapIndex);
+      args = this.argsFor(node, mapIndex);
     } catch (err) {
       this.settleError(id, runId, err);
       return null;
@@ -517,10 +517,9 @@ class FlowRun {
 
   // --- arguments and mapping ---------------------------------------------------
 
-  private argsFor(id: number, node: NodeSpec, mapIndex: number): unknown[] {
+  private argsFor(node: NodeSpec, mapIndex: number): unknown[] {
     const bindings = node.args;
     const args = new Array<unknown>(bindings.length);
-    void id;
     for (let a = 0; a < bindings.length; a++) {
       const b = bindings[a]!;
       const child = mapIndex >= 0 && (b.mode === 'mapped' || b.mode === 'flatten');
@@ -612,7 +611,7 @@ class FlowRun {
       writeResult(resolvePath(this.resultDir, renderLocation(template, this.vars(node, mapIndex))), value, opts.result);
     }
     if (opts.cacheForMs > 0) {
-      const args = this.argsFor(id, node, mapIndex);
+      const args = this.argsFor(node, mapIndex);
       cacheStore(opts, cacheKeyOf(node, mapIndex), value, args, this.parameters, Date.now());
     }
   }
