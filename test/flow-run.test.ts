@@ -26,6 +26,7 @@ import {
   triggers,
   unmapped,
 } from '../src/index.ts';
+import type { RunProgress } from '../src/index.ts';
 import { negTotal, plusOne, poolFlow, total } from './fixtures/flow-pool.ts';
 
 // ---------------------------------------------------------------------------------
@@ -113,6 +114,11 @@ const pauser = task(function pauser(): number {
 const slow = task({ timeout: '50ms' }, async function slow(): Promise<number> {
   await new Promise((r) => setTimeout(r, 2000));
   return 1;
+});
+
+const nap = task(async function nap(ms: number): Promise<number> {
+  await new Promise((r) => setTimeout(r, ms));
+  return ms;
 });
 
 // ---------------------------------------------------------------------------------
@@ -506,5 +512,17 @@ describe('executors', () => {
     expect(f.executor).toBeInstanceOf(LocalExecutor);
     expect((await f.run()).result(f.outputs)).toBe(3);
     expect((await f.run({ executor: new LocalExecutor() })).result(f.outputs)).toBe(3);
+  });
+});
+
+describe('progress', () => {
+  it('counts as running only what the executor can run at once (LocalExecutor: one)', async () => {
+    const f = flow('progress', () => ({ a: nap(60), b: nap(60), c: nap(60), d: nap(60) }));
+    const seen: RunProgress[] = [];
+    const r = await f.run({ onProgress: (p) => seen.push(p), progressIntervalMs: 10 });
+    expect(r.state).toBe('Success');
+    expect(seen.length).toBeGreaterThan(3);
+    expect(Math.max(...seen.map((p) => p.running))).toBe(1);
+    expect(seen.at(-1)).toMatchObject({ total: 4, done: 4, running: 0, failed: 0 });
   });
 });

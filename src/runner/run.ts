@@ -656,7 +656,8 @@ class FlowRun {
     return {
       total: this.core.size,
       done,
-      running: c[S.RUNNING]!,
+      // Dispatched calls beyond the executor's parallelism wait in its queue, not running.
+      running: Math.min(c[S.RUNNING]!, Math.max(1, this.executor.workers)),
       failed: c[S.FAILED]! + c[S.TIMED_OUT]! + c[S.TRIGGER_FAILED]!,
       skipped: c[S.SKIPPED]!,
       rate: elapsedMs > 0 ? (done * 1000) / elapsedMs : 0,

@@ -47,6 +47,7 @@ export interface RunProgress {
   total: number;
   /** Finished task runs (any final state). */
   done: number;
+  /** Task runs executing now (at most the executor's parallelism). */
   running: number;
   failed: number;
   skipped: number;
