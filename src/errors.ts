@@ -152,6 +152,14 @@ const known = new Map<string, ErrorCtor>([
   ['ReferenceError', ReferenceError],
 ]);
 
+/**
+ * Make `deserializeError` rebuild records named `name` as instances of `ctor` (modules
+ * that define their own error classes register them, so `instanceof` works after a hop).
+ */
+export function registerErrorClass(name: string, ctor: ErrorCtor): void {
+  known.set(name, ctor);
+}
+
 /** Turn anything thrown into a record that survives structured clone and msgpack. */
 export function serializeError(err: unknown): SerializedError {
   if (err instanceof Error) {

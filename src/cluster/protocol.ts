@@ -1,0 +1,1034 @@
+/**
+ * The cluster wire protocol: every message between clients, the scheduler and workers,
+ * in one typed module (after vscode-jsonrpc's `messages.ts`).
+ *
+ * - Each message is a member of the `Message` union, tagged by `op`. Its direction(s)
+ *   and its validator live together in `SPEC` (one row per op); `MessageTo<D>` derives
+ *   the union of what may travel in direction D from that table.
+ * - One binary frame per tick carries an *array* of messages (dask's `BatchedSend`),
+ *   encoded with msgpackr. A `FrameCodec` per connection owns one Packr/Unpackr pair with
+ *   record structures negotiated in-band (`sequential: true`): the first frame that uses
+ *   a shape defines its record, later frames refer to it by a one-byte id. Structures
+ *   are therefore connection state: frames must be decoded in the order they were
+ *   encoded, every encoded frame must be sent, and both ends `reset()` on reconnect.
+ * - Every decoding failure is a `ProtocolError` with a stable code; the caller closes
+ *   that connection with the error's message as the logged reason.
+ * - Requests are matched to replies by a per-connection `id` chosen by the requester.
+ * - Errors travel as `SerializedError` (`{name, message, stack, code, data}`) and are
+ *   rebuilt with `deserializeError` (see `wireError` / `errorFromWire`).
+ */
+import { Packr, Unpackr } from 'msgpackr';
+import { deserializeError, registerErrorClass, serializeError, WeftError } from '../errors.ts';
+import type { SerializedError } from '../errors.ts';
+import { inlineFn, inlineOpOf } from '../flow/inline.ts';
+import type { InlineOp } from '../flow/inline.ts';
+import type {
+  ArgBinding,
+  CacheValidatorName,
+  NodeKind,
+  NodeSpec,
+  TaskOptions,
+  TaskStateName,
+  TriggerName,
+} from '../flow/spec.ts';
+import type { OutcomeStatus, TaskCall } from '../executor/types.ts';
+
+/** Bumped on any incompatible change of a message or of the framing. Checked in `hello`. */
+export const PROTOCOL_VERSION = 1;
+
+/** Default and hard ceiling of one frame's size, checked before decoding. */
+export const DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Who sends to whom. `w2w` is a direct peer connection between two workers (the one
+ * that connects plays the client side of the handshake, the one that accepts the server side).
+ */
+export type Direction =
+  /** client → scheduler */
+  | 'c2s'
+  /** worker → scheduler */
+  | 'w2s'
+  /** scheduler → worker */
+  | 's2w'
+  /** scheduler → client */
+  | 's2c'
+  /** worker → worker (either way, on a peer connection) */
+  | 'w2w';
+
+/** What the connecting side is. A worker connecting to another worker for data says 'peer'. */
+export type Role = 'client' | 'worker' | 'peer';
+
+// ---- errors ---------------------------------------------------------------------
+
+export type ProtocolErrorCode =
+  | 'FRAME_TOO_LARGE'
+  | 'MALFORMED_FRAME'
+  | 'UNKNOWN_OP'
+  | 'BAD_MESSAGE'
+  | 'VERSION_MISMATCH'
+  /** The codec threw while encoding or decoding earlier: its record structures may no longer match the peer's. */
+  | 'CODEC_BROKEN';
+
+/** A frame or message that breaks the protocol. The connection it came from must be closed. */
+export class ProtocolError extends WeftError {
+  declare readonly code: ProtocolErrorCode;
+  constructor(
+    code: ProtocolErrorCode,
+    message: string,
+    readonly detail: { op?: string; field?: string; expected?: string; bytes?: number } = {},
+    options?: { cause?: unknown },
+  ) {
+    super(code, message, options);
+    this.name = 'ProtocolError';
+  }
+}
+registerErrorClass('ProtocolError', ProtocolError);
+
+// ---- the graph, as data ---------------------------------------------------------
+
+/**
+ * Task options without functions. Custom triggers and custom cache validators cannot
+ * travel (the scheduler runs the core that would call them): `toWireNode` refuses them.
+ * State handlers run on the client from the task state events, so they stay there;
+ * `stateHandlers` says how many the client holds (for reporting only).
+ */
+export interface WireTaskOptions extends Omit<TaskOptions, 'trigger' | 'cacheValidator' | 'stateHandlers' | 'onFailure'> {
+  readonly trigger: { readonly kind: 'builtin'; readonly name: TriggerName; readonly atLeast?: number; readonly atMost?: number };
+  readonly cacheValidator: CacheValidatorName;
+  readonly stateHandlers: number;
+  readonly onFailure: boolean;
+}
+
+/** A `NodeSpec` as data: the inline function travels as its `InlineOp` descriptor. */
+export interface WireNode extends Omit<NodeSpec, 'inline' | 'options' | 'args'> {
+  readonly args: readonly ArgBinding[];
+  readonly options: WireTaskOptions;
+  readonly inlineOp?: InlineOp;
+}
+
+// ---- messages: handshake ---------------------------------------------------------
+
+/** First message of every connection, from the connecting side. */
+export interface HelloMsg {
+  readonly op: 'hello';
+  readonly version: number;
+  readonly role: Role;
+  /** Stable, human-readable; unique per cluster for workers (the scheduler refuses duplicates). */
+  readonly name: string;
+  /** Advertised abstract resources, e.g. `{ GPU: 1 }` (`{}` for clients). */
+  readonly resources: Readonly<Record<string, number>>;
+  /** Task slots (0 for clients). */
+  readonly threads: number;
+  /** Bytes; 0 = no limit. */
+  readonly memoryLimit: number;
+  /** Where peers reach this worker for data (`ws://host:port`); '' when it does not listen. */
+  readonly address: string;
+  readonly pid: number;
+}
+
+/** The accepting side asks for a proof of the token (sent only when a token is configured). */
+export interface ChallengeMsg {
+  readonly op: 'challenge';
+  /** 32 random bytes (`newNonce()`). */
+  readonly nonce: Uint8Array;
+}
+
+/** HMAC-SHA256(token, nonce ‖ role ‖ name): see `auth.ts`. */
+export interface ProofMsg {
+  readonly op: 'proof';
+  readonly proof: Uint8Array;
+}
+
+/** The handshake succeeded. */
+export interface WelcomeMsg {
+  readonly op: 'welcome';
+  readonly version: number;
+  /** The id the accepting side knows this connection by (worker id, client id). */
+  readonly id: string;
+  /** Send a heartbeat at least this often (it grows with cluster size). */
+  readonly heartbeatMs: number;
+  /** The largest frame the accepting side will decode. */
+  readonly maxFrameBytes: number;
+}
+
+/** The handshake failed; the accepting side closes after sending it. */
+export interface RefuseMsg {
+  readonly op: 'refuse';
+  /** A stable code: 'VERSION_MISMATCH', 'AUTH_FAILED', 'DUPLICATE_NAME', ... */
+  readonly code: string;
+  readonly reason: string;
+}
+
+// ---- messages: graphs, runs, events (client ↔ scheduler) --------------------------
+
+/** Opens a graph submission. `graph` is the client's id for it, unique per connection. */
+export interface GraphBeginMsg {
+  readonly op: 'graphBegin';
+  readonly graph: number;
+  readonly name: string;
+  /** Total nodes that `graphNodes` chunks will carry. */
+  readonly nodeCount: number;
+  readonly referenceTasks: readonly number[];
+  readonly modules: readonly string[];
+  readonly parameters: Readonly<Record<string, unknown>>;
+  /** Content hash of the code bundle workers should fetch; '' when workers import `modules` from disk. */
+  readonly bundle: string;
+}
+
+/** A chunk of nodes, in id order: `nodes[i].id === offset + i`. */
+export interface GraphNodesMsg {
+  readonly op: 'graphNodes';
+  readonly graph: number;
+  readonly offset: number;
+  readonly nodes: readonly WireNode[];
+}
+
+/** The last chunk was sent: the scheduler validates the graph and starts the run. */
+export interface GraphEndMsg {
+  readonly op: 'graphEnd';
+  readonly graph: number;
+}
+
+/** Client asks to cancel a run. */
+export interface CancelRunMsg {
+  readonly op: 'cancelRun';
+  readonly graph: number;
+}
+
+/** Run-level state of a submitted graph. */
+export interface RunStateMsg {
+  readonly op: 'runState';
+  readonly graph: number;
+  readonly state: 'accepted' | 'running' | 'finished' | 'rejected';
+  /** The flow's state when finished. */
+  readonly flowState?: TaskStateName;
+  readonly error?: SerializedError;
+}
+
+/** One task state change. */
+export interface TaskEvent {
+  /** Core task id. */
+  readonly task: number;
+  readonly key: string;
+  readonly mapIndex: number;
+  readonly state: TaskStateName;
+  /** Wall-clock ms. */
+  readonly at: number;
+  readonly attempt: number;
+  readonly worker?: string;
+  readonly error?: SerializedError;
+}
+
+/** A batch of task state events for one run. */
+export interface TaskEventsMsg {
+  readonly op: 'taskEvents';
+  readonly graph: number;
+  readonly events: readonly TaskEvent[];
+}
+
+/** Sent instead of events to a client that cannot keep up: counts by state, and how many events it was spared. */
+export interface EventSummaryMsg {
+  readonly op: 'eventSummary';
+  readonly graph: number;
+  readonly counts: Readonly<Partial<Record<TaskStateName, number>>>;
+  readonly dropped: number;
+}
+
+/** Client asks for task results (core task ids). Replied to by `results` with the same id. */
+export interface GetResultsMsg {
+  readonly op: 'getResults';
+  readonly id: number;
+  readonly graph: number;
+  readonly tasks: readonly number[];
+}
+
+export interface ResultsMsg {
+  readonly op: 'results';
+  /** The `getResults` id this answers. */
+  readonly id: number;
+  /** Aligned with the request's `tasks`. */
+  readonly values: readonly unknown[];
+  /** Set when the request failed as a whole (unknown graph, results lost...). */
+  readonly error?: SerializedError;
+}
+
+// ---- messages: work (scheduler ↔ worker) ------------------------------------------
+
+/** An input of a call that is a result held on some worker(s). */
+export interface WireDep {
+  /** Result key (`dataKey(run, task)`). */
+  readonly key: string;
+  /** Worker ids known to hold it (may include the receiver). */
+  readonly holders: readonly string[];
+  readonly nbytes: number;
+  /** Positional argument it fills. */
+  readonly arg: number;
+  /** -1: the whole argument; i ≥ 0: element i of a list argument (a mapped upstream's children). */
+  readonly index: number;
+}
+
+/** A `TaskCall` plus the inputs the worker must hold before starting it. */
+export interface WireCall extends TaskCall {
+  readonly deps?: readonly WireDep[];
+}
+
+/** A batch of calls for one run. Never more than the worker's credits. */
+export interface ComputeMsg {
+  readonly op: 'compute';
+  /** Scheduler-wide run id (namespaces task ids and result keys). */
+  readonly run: number;
+  readonly modules: readonly string[];
+  readonly bundle: string;
+  readonly calls: readonly WireCall[];
+}
+
+/** An `Outcome` as data. The value stays on the worker unless it is small (`value` present). */
+export interface WireOutcome {
+  readonly id: number;
+  readonly runId: number;
+  readonly status: OutcomeStatus;
+  readonly startMs: number;
+  readonly endMs: number;
+  /** Present only for small results the worker inlines (so the scheduler can answer clients without a fetch). */
+  readonly value?: unknown;
+  readonly error?: SerializedError;
+  /** Serialized size of the result held (0 when none). */
+  readonly nbytes: number;
+  /** Length of an array result (-1 otherwise): lets the scheduler expand a mapped dependent without the data. */
+  readonly len: number;
+}
+
+/** A batch of outcomes for one run. Each outcome returns one credit. */
+export interface OutcomesMsg {
+  readonly op: 'outcomes';
+  readonly run: number;
+  readonly outcomes: readonly WireOutcome[];
+}
+
+/** The worker's capacity changed (memory pause: 0; resume: slots × saturation). Absolute, not a delta. */
+export interface CreditsMsg {
+  readonly op: 'credits';
+  readonly credits: number;
+}
+
+/** Stop these calls (queued or running); each ends with a 'cancelled' outcome. */
+export interface CancelTasksMsg {
+  readonly op: 'cancelTasks';
+  readonly run: number;
+  readonly tasks: readonly number[];
+}
+
+/** Drop held results (no dependent needs them any more). */
+export interface ReleaseMsg {
+  readonly op: 'release';
+  readonly keys: readonly string[];
+}
+
+/** Which workers hold these results? Replied to by `whoHasReply` with the same id. */
+export interface WhoHasMsg {
+  readonly op: 'whoHas';
+  readonly id: number;
+  readonly keys: readonly string[];
+}
+
+export interface WhoHasReplyMsg {
+  readonly op: 'whoHasReply';
+  readonly id: number;
+  /** Aligned with the request's keys. */
+  readonly holders: readonly (readonly string[])[];
+  /** Peer addresses of the workers named in `holders`. */
+  readonly addresses: Readonly<Record<string, string>>;
+}
+
+/** Send me these results. Replied to by `data` with the same id. */
+export interface GetDataMsg {
+  readonly op: 'getData';
+  readonly id: number;
+  readonly keys: readonly string[];
+}
+
+export interface DataMsg {
+  readonly op: 'data';
+  readonly id: number;
+  readonly keys: readonly string[];
+  /** Aligned with `keys`. */
+  readonly values: readonly unknown[];
+  /** Requested keys the sender does not hold (any more). */
+  readonly missing: readonly string[];
+}
+
+/** Give these queued (not started) tasks back. Replied to by `stealReply`. */
+export interface StealMsg {
+  readonly op: 'steal';
+  readonly id: number;
+  readonly run: number;
+  readonly tasks: readonly number[];
+}
+
+/** Transactional: `stolen` tasks were removed and will never run here; `kept` already started or finished. */
+export interface StealReplyMsg {
+  readonly op: 'stealReply';
+  readonly id: number;
+  readonly run: number;
+  readonly stolen: readonly number[];
+  readonly kept: readonly number[];
+}
+
+export interface HeartbeatMetrics {
+  readonly rss: number;
+  readonly heapUsed: number;
+  readonly executing: number;
+  readonly queued: number;
+  /** Bytes and count of results held in memory, and bytes spilled to disk. */
+  readonly heldBytes: number;
+  readonly heldCount: number;
+  readonly spilledBytes: number;
+  readonly eventLoopDelayMs: number;
+}
+
+/** Liveness, every `heartbeatMs`. Workers attach metrics. */
+export interface HeartbeatMsg {
+  readonly op: 'heartbeat';
+  /** Wall-clock ms at the sender. */
+  readonly at: number;
+  readonly metrics?: HeartbeatMetrics;
+}
+
+/** Scheduler → worker: move your unique results away, then close. Worker → scheduler: I am leaving. */
+export interface RetireMsg {
+  readonly op: 'retire';
+  readonly reason: string;
+}
+
+export interface LogRecord {
+  readonly level: 'debug' | 'info' | 'warn' | 'error';
+  readonly msg: string;
+  readonly at: number;
+  readonly worker?: string;
+  readonly run?: number;
+  readonly task?: number;
+  readonly key?: string;
+}
+
+/** Worker logs and task console output; the scheduler forwards them to the client that owns the task. */
+export interface LogMsg {
+  readonly op: 'log';
+  readonly records: readonly LogRecord[];
+}
+
+/** An error about the connection or about a request (`ref`: its id, -1 for none). */
+export interface ErrorMsg {
+  readonly op: 'error';
+  readonly ref: number;
+  readonly error: SerializedError;
+}
+
+export type Message =
+  | HelloMsg
+  | ChallengeMsg
+  | ProofMsg
+  | WelcomeMsg
+  | RefuseMsg
+  | GraphBeginMsg
+  | GraphNodesMsg
+  | GraphEndMsg
+  | CancelRunMsg
+  | RunStateMsg
+  | TaskEventsMsg
+  | EventSummaryMsg
+  | GetResultsMsg
+  | ResultsMsg
+  | ComputeMsg
+  | OutcomesMsg
+  | CreditsMsg
+  | CancelTasksMsg
+  | ReleaseMsg
+  | WhoHasMsg
+  | WhoHasReplyMsg
+  | GetDataMsg
+  | DataMsg
+  | StealMsg
+  | StealReplyMsg
+  | HeartbeatMsg
+  | RetireMsg
+  | LogMsg
+  | ErrorMsg;
+
+export type Op = Message['op'];
+export type MessageOf<K extends Op> = Extract<Message, { readonly op: K }>;
+
+// ---- the op table: directions + validators ----------------------------------------
+
+/**
+ * Field checks, kept to primitive types (the handlers own deeper invariants).
+ * A trailing `?` makes the field optional (absent or undefined; when present, checked).
+ */
+type FieldType = 'string' | 'number' | 'int' | 'boolean' | 'bytes' | 'array' | 'object' | 'error' | 'any';
+type FieldCheck = FieldType | `${FieldType}?`;
+
+type OpSpec<K extends Op> = {
+  readonly dirs: readonly Direction[];
+  readonly fields: { readonly [F in Exclude<keyof MessageOf<K>, 'op'>]?: FieldCheck };
+};
+
+const ALL: readonly Direction[] = ['c2s', 'w2s', 's2w', 's2c', 'w2w'];
+
+/** One row per op: who may send it and which fields it must carry. */
+const SPEC = {
+  hello: {
+    dirs: ['c2s', 'w2s', 'w2w'],
+    fields: { version: 'int', role: 'string', name: 'string', resources: 'object', threads: 'int', memoryLimit: 'number', address: 'string', pid: 'int' },
+  },
+  challenge: { dirs: ['s2c', 's2w', 'w2w'], fields: { nonce: 'bytes' } },
+  proof: { dirs: ['c2s', 'w2s', 'w2w'], fields: { proof: 'bytes' } },
+  welcome: { dirs: ['s2c', 's2w', 'w2w'], fields: { version: 'int', id: 'string', heartbeatMs: 'number', maxFrameBytes: 'number' } },
+  refuse: { dirs: ['s2c', 's2w', 'w2w'], fields: { code: 'string', reason: 'string' } },
+  graphBegin: {
+    dirs: ['c2s'],
+    fields: { graph: 'int', name: 'string', nodeCount: 'int', referenceTasks: 'array', modules: 'array', parameters: 'object', bundle: 'string' },
+  },
+  graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array' } },
+  graphEnd: { dirs: ['c2s'], fields: { graph: 'int' } },
+  cancelRun: { dirs: ['c2s'], fields: { graph: 'int' } },
+  runState: { dirs: ['s2c'], fields: { graph: 'int', state: 'string', flowState: 'string?', error: 'error?' } },
+  taskEvents: { dirs: ['s2c'], fields: { graph: 'int', events: 'array' } },
+  eventSummary: { dirs: ['s2c'], fields: { graph: 'int', counts: 'object', dropped: 'int' } },
+  getResults: { dirs: ['c2s'], fields: { id: 'int', graph: 'int', tasks: 'array' } },
+  results: { dirs: ['s2c'], fields: { id: 'int', values: 'array', error: 'error?' } },
+  compute: { dirs: ['s2w'], fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array' } },
+  outcomes: { dirs: ['w2s'], fields: { run: 'int', outcomes: 'array' } },
+  credits: { dirs: ['w2s'], fields: { credits: 'int' } },
+  cancelTasks: { dirs: ['s2w'], fields: { run: 'int', tasks: 'array' } },
+  release: { dirs: ['s2w'], fields: { keys: 'array' } },
+  whoHas: { dirs: ['w2s'], fields: { id: 'int', keys: 'array' } },
+  whoHasReply: { dirs: ['s2w'], fields: { id: 'int', holders: 'array', addresses: 'object' } },
+  getData: { dirs: ['w2w', 's2w'], fields: { id: 'int', keys: 'array' } },
+  data: { dirs: ['w2w', 'w2s'], fields: { id: 'int', keys: 'array', values: 'array', missing: 'array' } },
+  steal: { dirs: ['s2w'], fields: { id: 'int', run: 'int', tasks: 'array' } },
+  stealReply: { dirs: ['w2s'], fields: { id: 'int', run: 'int', stolen: 'array', kept: 'array' } },
+  heartbeat: { dirs: ALL, fields: { at: 'number', metrics: 'object?' } },
+  retire: { dirs: ['s2w', 'w2s'], fields: { reason: 'string' } },
+  log: { dirs: ['w2s', 's2c'], fields: { records: 'array' } },
+  error: { dirs: ALL, fields: { ref: 'int', error: 'error' } },
+} as const satisfies { readonly [K in Op]: OpSpec<K> };
+
+type DirsOf<K extends Op> = (typeof SPEC)[K]['dirs'][number];
+
+/** The messages that may travel in direction D (derived from the op table). */
+export type MessageTo<D extends Direction> = { [K in Op]: D extends DirsOf<K> ? MessageOf<K> : never }[Op];
+
+export type ClientToScheduler = MessageTo<'c2s'>;
+export type WorkerToScheduler = MessageTo<'w2s'>;
+export type SchedulerToWorker = MessageTo<'s2w'>;
+export type SchedulerToClient = MessageTo<'s2c'>;
+export type WorkerToWorker = MessageTo<'w2w'>;
+
+/** Every op, for tests and dispatch tables. */
+export const OPS: readonly Op[] = Object.keys(SPEC) as Op[];
+
+/** The directions an op may travel in. */
+export function directionsOf(op: Op): readonly Direction[] {
+  return SPEC[op].dirs;
+}
+
+const hasOwn = Object.prototype.hasOwnProperty;
+
+function typeOk(t: FieldType, v: unknown): boolean {
+  switch (t) {
+    case 'string':
+      return typeof v === 'string';
+    case 'number':
+      return typeof v === 'number';
+    case 'int':
+      return Number.isInteger(v);
+    case 'boolean':
+      return typeof v === 'boolean';
+    case 'bytes':
+      return v instanceof Uint8Array;
+    case 'array':
+      return Array.isArray(v);
+    case 'object':
+      return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Uint8Array);
+    case 'error':
+      return (
+        typeof v === 'object' &&
+        v !== null &&
+        typeof (v as { name?: unknown }).name === 'string' &&
+        typeof (v as { message?: unknown }).message === 'string'
+      );
+    case 'any':
+      return true;
+  }
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'array';
+  if (v instanceof Uint8Array) return 'bytes';
+  if (typeof v === 'number' && !Number.isInteger(v)) return 'non-integer number';
+  return typeof v;
+}
+
+/**
+ * Check one decoded element: an object with a known op (allowed in `dir` when given) and
+ * its required fields of the right types. Returns it typed; throws `ProtocolError`.
+ */
+export function validateMessage(m: unknown, index: number, dir?: Direction): Message {
+  if (typeof m !== 'object' || m === null || Array.isArray(m) || m instanceof Uint8Array) {
+    throw new ProtocolError('BAD_MESSAGE', `message ${index}: expected an object, got ${describe(m)}`, { expected: 'object' });
+  }
+  const op = (m as { op?: unknown }).op;
+  if (typeof op !== 'string') {
+    throw new ProtocolError('BAD_MESSAGE', `message ${index}: field "op" must be a string, got ${describe(op)}`, {
+      field: 'op',
+      expected: 'string',
+    });
+  }
+  if (!hasOwn.call(SPEC, op)) {
+    throw new ProtocolError('UNKNOWN_OP', `message ${index}: unknown op ${JSON.stringify(op.slice(0, 64))}`, { op: op.slice(0, 64) });
+  }
+  const spec: { dirs: readonly Direction[]; fields: Readonly<Record<string, FieldCheck>> } = SPEC[op as Op];
+  if (dir !== undefined && !spec.dirs.includes(dir)) {
+    throw new ProtocolError('UNKNOWN_OP', `message ${index}: op "${op}" is not accepted in direction ${dir}`, { op });
+  }
+  const rec = m as Record<string, unknown>;
+  for (const field in spec.fields) {
+    const check = spec.fields[field] as FieldCheck;
+    const optional = check.endsWith('?');
+    const type = (optional ? check.slice(0, -1) : check) as FieldType;
+    const v = rec[field];
+    if (v === undefined) {
+      if (optional) continue;
+      throw new ProtocolError('BAD_MESSAGE', `message ${index} (op "${op}"): missing field "${field}" (${type})`, {
+        op,
+        field,
+        expected: type,
+      });
+    }
+    if (!typeOk(type, v)) {
+      throw new ProtocolError('BAD_MESSAGE', `message ${index} (op "${op}"): field "${field}" must be ${type}, got ${describe(v)}`, {
+        op,
+        field,
+        expected: type,
+      });
+    }
+  }
+  return m as Message;
+}
+
+/** Throws VERSION_MISMATCH unless the peer speaks our version (call on `hello` and `welcome`). */
+export function checkVersion(msg: HelloMsg | WelcomeMsg): void {
+  if (msg.version !== PROTOCOL_VERSION) {
+    throw new ProtocolError(
+      'VERSION_MISMATCH',
+      `protocol version ${msg.version} from ${msg.op === 'hello' ? `${msg.role} "${msg.name}"` : 'peer'}; this side speaks ${PROTOCOL_VERSION}`,
+      { op: msg.op, field: 'version' },
+    );
+  }
+}
+
+// ---- framing ---------------------------------------------------------------------
+
+export interface FrameCodecOptions {
+  /** Largest frame `decode` accepts and `encode` produces. Default 64 MiB. */
+  readonly maxFrameBytes?: number;
+  /** When set, `decode` rejects ops not allowed in this direction (the direction frames *arrive* from). */
+  readonly receives?: Direction;
+}
+
+/**
+ * One connection's encoder and decoder. Not shareable between connections: the record
+ * structures it negotiates are per peer and per connection life.
+ */
+export class FrameCodec {
+  readonly maxFrameBytes: number;
+  readonly receives: Direction | undefined;
+  private packr!: Packr;
+  private unpackr!: Unpackr;
+  /** Set when an encode or decode threw: the structures may differ from the peer's, so nothing more is trusted until `reset()`. */
+  private broken: ProtocolError | null = null;
+
+  constructor(options: FrameCodecOptions = {}) {
+    this.maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    this.receives = options.receives;
+    this.reset();
+  }
+
+  /**
+   * Forget every negotiated record structure (both ways). Call on reconnect, on both
+   * ends: a fresh connection starts with a fresh pair.
+   */
+  reset(): void {
+    // sequential: record definitions are written inline the first time a shape is used
+    // and referenced by id afterwards, and the Unpackr keeps what it has read — both
+    // ends must see every frame, in order (a WebSocket guarantees that). copyBuffers:
+    // binary values (results moving worker to worker) must not be views that pin the
+    // whole received frame in memory for as long as the result is held.
+    const options = { useRecords: true, sequential: true, copyBuffers: true, mapsAsObjects: true } as const;
+    this.packr = new Packr({ ...options });
+    this.unpackr = new Unpackr({ ...options });
+    this.broken = null;
+  }
+
+  /**
+   * One frame holding `messages`. The bytes are copied out of msgpackr's buffer into an
+   * ArrayBuffer of their own: Packr writes successive frames into one shared slab and
+   * returns views of it, so a view handed to a caller would pin the whole slab, and
+   * transferring it (postMessage) would detach memory that later frames use. (Note
+   * `Buffer#slice` is a view too, and `Buffer.from(buf)` may land in Node's own pool.)
+   *
+   * Throws FRAME_TOO_LARGE over `maxFrameBytes`, and after any failure the codec is
+   * broken (CODEC_BROKEN) until `reset()`: a frame that was packed but not sent may have
+   * defined records that the peer will never see.
+   */
+  encode(messages: readonly Message[]): Uint8Array {
+    this.assertUsable();
+    let view: Uint8Array;
+    try {
+      view = this.packr.pack(messages);
+    } catch (err) {
+      throw this.fail(new ProtocolError('MALFORMED_FRAME', `cannot encode frame: ${(err as Error).message}`, {}, { cause: err }));
+    }
+    if (view.byteLength > this.maxFrameBytes) {
+      throw this.fail(
+        new ProtocolError('FRAME_TOO_LARGE', `frame of ${view.byteLength} bytes exceeds the limit of ${this.maxFrameBytes} bytes`, {
+          bytes: view.byteLength,
+        }),
+      );
+    }
+    const out = new Uint8Array(view.byteLength);
+    out.set(view);
+    return out;
+  }
+
+  /**
+   * The validated messages of one frame. The size is checked before any decoding. Any
+   * failure is a ProtocolError and breaks the codec (the connection must be closed).
+   */
+  decode(frame: Uint8Array): Message[] {
+    this.assertUsable();
+    if (frame.byteLength > this.maxFrameBytes) {
+      throw this.fail(
+        new ProtocolError('FRAME_TOO_LARGE', `frame of ${frame.byteLength} bytes exceeds the limit of ${this.maxFrameBytes} bytes`, {
+          bytes: frame.byteLength,
+        }),
+      );
+    }
+    if (frame.byteLength === 0) throw this.fail(new ProtocolError('MALFORMED_FRAME', 'empty frame', { bytes: 0 }));
+    let value: unknown;
+    try {
+      value = this.unpackr.unpack(frame);
+    } catch (err) {
+      throw this.fail(
+        new ProtocolError('MALFORMED_FRAME', `malformed msgpack in a frame of ${frame.byteLength} bytes: ${(err as Error).message}`, {
+          bytes: frame.byteLength,
+        }, { cause: err }),
+      );
+    }
+    if (!Array.isArray(value)) {
+      throw this.fail(
+        new ProtocolError('MALFORMED_FRAME', `frame must hold an array of messages, got ${describe(value)}`, {
+          expected: 'array',
+          bytes: frame.byteLength,
+        }),
+      );
+    }
+    try {
+      for (let i = 0; i < value.length; i++) validateMessage(value[i], i, this.receives);
+    } catch (err) {
+      throw this.fail(err as ProtocolError);
+    }
+    return value as Message[];
+  }
+
+  private assertUsable(): void {
+    if (this.broken !== null) {
+      throw new ProtocolError('CODEC_BROKEN', `codec unusable after an earlier failure (${this.broken.message}); reset() it on a new connection`);
+    }
+  }
+
+  private fail(err: ProtocolError): ProtocolError {
+    this.broken = err;
+    return err;
+  }
+}
+
+// ---- batching ---------------------------------------------------------------------
+
+export interface BatcherOptions {
+  /** Flush at once (not waiting for the tick) when the queued estimate reaches this. Default 1 MiB. */
+  readonly flushBytes?: number;
+  /** `push` refuses (returns false) a message that would take the queued estimate past this. Default 32 MiB. */
+  readonly maxQueuedBytes?: number;
+  /** Called once the queue has room again after a refused push (below half of `maxQueuedBytes`). */
+  readonly onDrain?: () => void;
+  /** Encoding or sending failed: the connection should be closed. Required, so no failure escapes a timer. */
+  readonly onError: (err: unknown) => void;
+}
+
+/**
+ * Queues messages for one connection and sends them as one frame per tick (after
+ * dask's `BatchedSend`): a flush is scheduled with `setImmediate` on the first push; it
+ * also happens at once when the queued size estimate reaches `flushBytes`.
+ *
+ * Backpressure: the owner calls `pause()` when the socket's `bufferedAmount` passes its
+ * high-water mark and `resume()` when it drains. While paused nothing is sent and the
+ * queue grows, but only up to `maxQueuedBytes`: past it `push` returns false and does
+ * NOT queue the message — the caller keeps it (e.g. leaves the tasks in the core's
+ * queue) and tries again on `onDrain`.
+ */
+export class Batcher<M extends Message = Message> {
+  private queue: M[] = [];
+  private sizes: number[] = [];
+  /** Estimated bytes of `queue` (sum of `sizes`). */
+  private queued = 0;
+  private scheduled = false;
+  private paused = false;
+  private flushing = false;
+  private refused = false;
+  private closed = false;
+  private readonly flushBytes: number;
+  private readonly maxQueuedBytes: number;
+
+  constructor(
+    private readonly codec: FrameCodec,
+    private readonly send: (frame: Uint8Array) => void,
+    private readonly options: BatcherOptions,
+  ) {
+    this.flushBytes = options.flushBytes ?? 1024 * 1024;
+    this.maxQueuedBytes = options.maxQueuedBytes ?? 32 * 1024 * 1024;
+  }
+
+  /** Estimated bytes waiting. */
+  get queuedBytes(): number {
+    return this.queued;
+  }
+
+  get length(): number {
+    return this.queue.length;
+  }
+
+  get isPaused(): boolean {
+    return this.paused;
+  }
+
+  /**
+   * Queue one message. Returns false, without queueing it, when the queue is at its
+   * bound (a paused socket) — or after `close()`. A message pushed onto an empty queue is
+   * always taken, however large, so that one big message cannot be refused forever.
+   * May call `send` synchronously (threshold flush).
+   */
+  push(msg: M, sizeHint?: number): boolean {
+    if (this.closed) return false;
+    const size = sizeHint ?? estimateBytes(msg);
+    if (this.queue.length > 0 && this.queued + size > this.maxQueuedBytes) {
+      this.refused = true;
+      return false;
+    }
+    this.queue.push(msg);
+    this.sizes.push(size);
+    this.queued += size;
+    if (this.paused) return true;
+    if (this.queued >= this.flushBytes) this.flush();
+    else this.schedule();
+    return true;
+  }
+
+  /** Stop sending (the socket is over its high-water mark). */
+  pause(): void {
+    this.paused = true;
+  }
+
+  /** Send again: flushes what queued up meanwhile. */
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    if (this.queue.length > 0) this.flush();
+  }
+
+  /**
+   * Send what is queued now, in frames of about `flushBytes` each (each ends with the
+   * message that reaches it), until the queue is empty or `send` paused us.
+   */
+  flush(): void {
+    if (this.flushing || this.closed) return;
+    this.flushing = true;
+    try {
+      while (this.queue.length > 0 && !this.paused && !this.closed) {
+        let n = 0;
+        let bytes = 0;
+        // Messages up to and including the one that reaches flushBytes: a threshold
+        // flush sends its whole queue as one frame; a long paused queue goes in pieces.
+        while (n < this.queue.length && bytes < this.flushBytes) {
+          bytes += this.sizes[n] ?? 0;
+          n++;
+        }
+        const batch = n === this.queue.length ? this.queue : this.queue.slice(0, n);
+        const frame = this.codec.encode(batch);
+        if (n === this.queue.length) {
+          this.queue = [];
+          this.sizes = [];
+        } else {
+          this.queue = this.queue.slice(n);
+          this.sizes = this.sizes.slice(n);
+        }
+        this.queued -= bytes;
+        if (this.queue.length === 0) this.queued = 0;
+        this.send(frame);
+      }
+    } catch (err) {
+      this.close();
+      this.options.onError(err);
+      return;
+    } finally {
+      this.flushing = false;
+    }
+    if (this.refused && this.queued < this.maxQueuedBytes / 2) {
+      this.refused = false;
+      this.options.onDrain?.();
+    }
+  }
+
+  /** Drop the queue and refuse further pushes (the connection is gone). */
+  close(): void {
+    this.closed = true;
+    this.queue = [];
+    this.sizes = [];
+    this.queued = 0;
+  }
+
+  private schedule(): void {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      if (!this.paused) this.flush();
+    });
+  }
+}
+
+/**
+ * A cheap upper-bound-ish guess of a value's msgpack size. Walks at most a few levels
+ * and samples long arrays, so that estimating a batch costs far less than encoding it.
+ */
+export function estimateBytes(v: unknown, depth = 0): number {
+  switch (typeof v) {
+    case 'string':
+      return v.length * 3 + 5;
+    case 'number':
+      return 9;
+    case 'boolean':
+    case 'undefined':
+      return 1;
+    case 'bigint':
+      return 9;
+    case 'object': {
+      if (v === null) return 1;
+      if (ArrayBuffer.isView(v)) return v.byteLength + 5;
+      if (v instanceof ArrayBuffer) return v.byteLength + 5;
+      if (depth >= 4) return 64;
+      if (Array.isArray(v)) {
+        const n = v.length;
+        if (n <= 16) {
+          let s = 5;
+          for (let i = 0; i < n; i++) s += estimateBytes(v[i], depth + 1);
+          return s;
+        }
+        let sample = 0;
+        const step = Math.floor(n / 8);
+        for (let i = 0; i < 8; i++) sample += estimateBytes(v[i * step], depth + 1);
+        return 5 + Math.ceil((sample / 8) * n);
+      }
+      let s = 5;
+      for (const k in v as Record<string, unknown>) s += k.length + 1 + estimateBytes((v as Record<string, unknown>)[k], depth + 1);
+      return s;
+    }
+    default:
+      return 1;
+  }
+}
+
+// ---- dispatch ----------------------------------------------------------------------
+
+/** One handler per op that may arrive in direction D: the compiler insists on all of them. */
+export type Handlers<D extends Direction> = { readonly [K in MessageTo<D>['op']]: (msg: MessageOf<K>) => void };
+
+/**
+ * Hand each message of a decoded frame to its op's handler, in order. An op with no
+ * handler (a codec built without `receives`) is UNKNOWN_OP, not a TypeError.
+ */
+export function dispatch<D extends Direction>(handlers: Handlers<D>, messages: readonly Message[]): void {
+  const table = handlers as unknown as Readonly<Record<string, ((msg: Message) => void) | undefined>>;
+  for (let i = 0; i < messages.length; i++) {
+    const m = messages[i] as Message;
+    const h = hasOwn.call(table, m.op) ? table[m.op] : undefined;
+    if (h === undefined) throw new ProtocolError('UNKNOWN_OP', `message ${i}: no handler for op "${m.op}" here`, { op: m.op });
+    h(m);
+  }
+}
+
+// ---- helpers -----------------------------------------------------------------------
+
+/** The key a result is held under on the cluster. */
+export function dataKey(run: number, task: number): string {
+  return `${run}:${task}`;
+}
+
+/** Anything thrown, as the `{name, message, stack, code, data}` record that travels. */
+export function wireError(err: unknown): SerializedError {
+  return serializeError(err);
+}
+
+/** A travelled error record, rebuilt into its class (`instanceof` works for weft's errors). */
+export function errorFromWire(rec: SerializedError): Error {
+  return deserializeError(rec);
+}
+
+/** A graph node as data. Throws `ProtocolError` BAD_MESSAGE for what cannot travel (functions). */
+export function toWireNode(node: NodeSpec): WireNode {
+  const { inline, options, ...rest } = node;
+  const inlineOp = inlineOpOf(inline);
+  const o = options;
+  if (o.trigger.kind === 'custom') {
+    throw new ProtocolError(
+      'BAD_MESSAGE',
+      `task "${node.key}": custom trigger "${o.trigger.name}" is a function and cannot be sent to a cluster scheduler`,
+      { field: 'trigger' },
+    );
+  }
+  if (typeof o.cacheValidator === 'function') {
+    throw new ProtocolError('BAD_MESSAGE', `task "${node.key}": a custom cache validator cannot be sent to a cluster scheduler`, {
+      field: 'cacheValidator',
+    });
+  }
+  if (node.kind === 'inline' && inlineOp === undefined) {
+    throw new ProtocolError('BAD_MESSAGE', `task "${node.key}": inline node without an InlineOp descriptor cannot be sent`, {
+      field: 'inline',
+    });
+  }
+  const { trigger, cacheValidator, stateHandlers, onFailure, ...plain } = o;
+  const wire: WireNode = {
+    ...rest,
+    options: { ...plain, trigger, cacheValidator, stateHandlers: stateHandlers.length, onFailure: onFailure !== null },
+    ...(inlineOp !== undefined ? { inlineOp } : {}),
+  };
+  return wire;
+}
+
+/**
+ * A travelled node, back as a `NodeSpec` (on the scheduler): the inline function is
+ * rebuilt from its descriptor; state handlers stay on the client, so none here.
+ */
+export function fromWireNode(w: WireNode): NodeSpec {
+  const { inlineOp, options, ...rest } = w;
+  const { stateHandlers: _n, onFailure: _f, ...plain } = options;
+  const node: NodeSpec = {
+    ...rest,
+    options: { ...plain, stateHandlers: [], onFailure: null },
+    ...(inlineOp !== undefined ? { inline: inlineFn(inlineOp) } : {}),
+  };
+  return node;
+}
+
+/** The kinds a `WireNode` may have (for handlers that validate nodes deeper). */
+export const NODE_KINDS: readonly NodeKind[] = ['task', 'parameter', 'inline'];
