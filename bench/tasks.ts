@@ -8,6 +8,7 @@
  * the runner and the executor, not the task.
  */
 import { registerTask } from '../src/flow/registry.ts';
+import { taskOptions } from '../src/flow/defaults.ts';
 import type { TaskOptions } from '../src/flow/spec.ts';
 
 /** File URL of this module: the `module` of every benchmark node, and the one entry of `GraphSpec.modules`. */
@@ -15,25 +16,7 @@ export const TASKS_MODULE: string = import.meta.url;
 
 /** Resolved options with weft's defaults (no retries, no timeout, all-successful trigger, no cache). */
 export function benchOptions(name: string): TaskOptions {
-  return Object.freeze({
-    name,
-    tags: Object.freeze([]) as readonly string[],
-    maxRetries: 0,
-    retryDelayMs: 0,
-    retryOn: null,
-    timeoutMs: 0,
-    trigger: Object.freeze({ kind: 'builtin', name: 'allSuccessful' }) as TaskOptions['trigger'],
-    skipOnUpstreamSkip: true,
-    cacheForMs: 0,
-    cacheValidator: 'durationOnly',
-    cacheKey: null,
-    checkpoint: false,
-    result: null,
-    stateHandlers: Object.freeze([]) as TaskOptions['stateHandlers'],
-    onFailure: null,
-    priority: 0,
-    resources: Object.freeze({}),
-  });
+  return Object.freeze(taskOptions({ name }));
 }
 
 /** Returns null whatever it is given. Independent tasks and chain links. */
