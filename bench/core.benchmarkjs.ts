@@ -39,7 +39,7 @@ import type { GraphSpec } from '../src/flow/spec.ts';
 import { SchedulerCore } from '../src/scheduler/core.ts';
 import { ReadyHeap } from '../src/scheduler/heap.ts';
 import { chain, independent, runLoop, runToEnd, tree } from './core.micro.ts';
-import { fmt, table } from './stats.ts';
+import { fmt, mulberry32, table } from './stats.ts';
 
 export type CaseKind = 'heap' | 'core' | 'construct';
 
@@ -79,24 +79,12 @@ export interface SuiteOptions {
 
 const HEAP_KEYS = 1024;
 
-/** mulberry32: a fixed-seed PRNG, so the "random" heap case is the same on every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Keys for ids 0..n-1: a permutation of 0..n-1 (random) or the identity (sorted). */
 function heapKeys(n: number, random: boolean): Float64Array {
   const keys = new Float64Array(n);
   for (let i = 0; i < n; i++) keys[i] = i;
   if (random) {
-    const rnd = prng(0x5eed);
+    const rnd = mulberry32(0x5eed);
     for (let i = n - 1; i > 0; i--) {
       const j = Math.floor(rnd() * (i + 1));
       const t = keys[i]!;

@@ -89,6 +89,34 @@ async function timedRun(
   return { wallS, runS: res.durationMs / 1000, res, executor };
 }
 
+type TimedRun = Awaited<ReturnType<typeof timedRun>>;
+
+/**
+ * One warm-up run (checked), then `runs` timed runs (each checked). `workers` is what
+ * the executor reported on the last run.
+ */
+async function timedSeries(
+  spec: GraphSpec,
+  executorName: string,
+  settings: ExecutorSettings,
+  deps: HarnessDeps,
+  runs: number,
+  what: string,
+  keepWarmResults: boolean,
+): Promise<{ warm: TimedRun; timed: TimedRun[]; workers: number }> {
+  const warm = await timedRun(spec, executorName, settings, deps, keepWarmResults);
+  checkSuccess(warm.res, what);
+  let workers = warm.executor.workers;
+  const timed: TimedRun[] = [];
+  for (let r = 0; r < runs; r++) {
+    const t = await timedRun(spec, executorName, settings, deps, false);
+    checkSuccess(t.res, what);
+    workers = t.executor.workers;
+    timed.push(t);
+  }
+  return { warm, timed, workers };
+}
+
 /**
  * Benchmarks one built shape on one executor. The warm-up run keeps results and checks
  * the sink's value against the shape's expectation (a wrong answer is not a benchmark).
@@ -117,23 +145,14 @@ async function shapeRuns(
 ): Promise<ShapeResult> {
   const what = `${built.shape} n=${built.n} on ${executorName}`;
   deps.log?.(`running ${what} (${built.tasks} tasks, 1 warm-up + ${runs} runs)`);
-  const warm = await timedRun(built.spec, executorName, settings, deps, true);
-  checkSuccess(warm.res, what);
+  const { warm, timed, workers } = await timedSeries(built.spec, executorName, settings, deps, runs, what, true);
   const sinks = built.spec.referenceTasks;
   if (built.expected !== undefined && sinks.length === 1) {
     const got = warm.res.result(sinks[0]!);
     if (got !== built.expected) throw new BenchRunError(`${what}: wrong result ${String(got)}, expected ${String(built.expected)}`);
   }
-  let workers = warm.executor.workers;
-  const wall: number[] = [];
-  const run: number[] = [];
-  for (let r = 0; r < runs; r++) {
-    const t = await timedRun(built.spec, executorName, settings, deps, false);
-    checkSuccess(t.res, what);
-    workers = t.executor.workers;
-    wall.push(t.wallS);
-    run.push(t.runS);
-  }
+  const wall = timed.map((t) => t.wallS);
+  const run = timed.map((t) => t.runS);
   const m = median(wall);
   return {
     shape: built.shape,
@@ -254,18 +273,9 @@ async function replayRuns(
   const name = graphName(file);
   const what = `replay ${name} on ${executorName}`;
   deps.log?.(`running ${what} (${analysis.tasks} tasks, total work ${g.totalWorkS.toFixed(3)} s, 1 warm-up + ${runs} runs)`);
-  const warm = await timedRun(g.spec, executorName, settings, deps, false);
-  checkSuccess(warm.res, what);
-  let workers = warm.executor.workers;
-  const wall: number[] = [];
-  const spans: number[] = [];
-  for (let r = 0; r < runs; r++) {
-    const t = await timedRun(g.spec, executorName, settings, deps, false);
-    checkSuccess(t.res, what);
-    workers = t.executor.workers;
-    wall.push(t.wallS);
-    spans.push(taskSpanS(t.res));
-  }
+  const { timed, workers } = await timedSeries(g.spec, executorName, settings, deps, runs, what, false);
+  const wall = timed.map((t) => t.wallS);
+  const spans = timed.map((t) => taskSpanS(t.res));
   const lb = lowerBoundS(analysis, workers, g.scale);
   const makespan = median(wall);
   const span = median(spans);

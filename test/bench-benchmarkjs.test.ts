@@ -8,19 +8,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { benchmarkjsSuite, formatRows, type Row } from '../bench/core.benchmarkjs.ts';
-import { benchCommand, type BenchIO } from '../src/cli/bench.ts';
+import { benchCommand } from '../src/cli/bench.ts';
+import { captureIO } from './helpers/bench-io.ts';
 
-function io(cwd: string): BenchIO & { text: () => string; errText: () => string } {
-  let out = '';
-  let err = '';
-  return {
-    stdout: { write: (s: string) => (out += s) },
-    stderr: { write: (s: string) => (err += s) },
-    cwd,
-    text: () => out,
-    errText: () => err,
-  };
-}
+const io = captureIO;
 
 const NAMES = [
   'heap random 1,024',

@@ -8,19 +8,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { coreMicro, formatRows, formatTargets, runToEnd, tree } from '../bench/core.micro.ts';
-import { benchCommand, type BenchIO } from '../src/cli/bench.ts';
+import { benchCommand } from '../src/cli/bench.ts';
+import { captureIO } from './helpers/bench-io.ts';
 
-function io(cwd: string): BenchIO & { text: () => string; errText: () => string } {
-  let out = '';
-  let err = '';
-  return {
-    stdout: { write: (s: string) => (out += s) },
-    stderr: { write: (s: string) => (err += s) },
-    cwd,
-    text: () => out,
-    errText: () => err,
-  };
-}
+const io = captureIO;
 
 describe('core micro-benchmarks', () => {
   it('runs every suite to the end and counts 3 transitions per task', () => {

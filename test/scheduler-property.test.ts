@@ -17,6 +17,7 @@ import type { TriggerName } from '../src/flow/spec.ts';
 import { SchedulerCore, type FailureKind, type Instruction } from '../src/scheduler/core.ts';
 import { isFinished, MAPPED, MAPPING, STATE_LABELS } from '../src/scheduler/states.ts';
 import { SpecBuilder, mapped, type NodeOpts } from './helpers/spec-builder.ts';
+import { mulberry32 } from '../bench/stats.ts';
 
 // ---------------------------------------------------------------------------
 // Random graphs and scripts
@@ -47,17 +48,6 @@ interface Params {
   readonly pause: boolean; // scripts may pause
   readonly resumePaused: boolean; // the driver resumes paused tasks (else they stay paused)
   readonly tagLimit: number; // 0: no tag limits
-}
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function genGraph(p: Params, rnd: () => number): GNode[] {
