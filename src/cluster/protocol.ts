@@ -173,7 +173,64 @@ export interface GraphBeginMsg {
   readonly parameters: Readonly<Record<string, unknown>>;
   /** Content hash of the code bundle workers should fetch; '' when workers import `modules` from disk. */
   readonly bundle: string;
+  /** How the scheduler runs it. */
+  readonly options: WireRunOptions;
 }
+
+/** The run options that travel with a graph (the rest stay on the client). */
+export interface WireRunOptions {
+  readonly tagLimits: Readonly<Record<string, number>>;
+  readonly validate: boolean;
+  /** Stream one `taskEvents` entry per state change (for `onTaskState` and state handlers). */
+  readonly events: boolean;
+  /** Send `eventSummary` counts at most this often (ms; 0 = never): progress without per-task events. */
+  readonly summaryMs: number;
+  /** Checkpoint directory on the scheduler's machine ('' = its default). */
+  readonly resultDir: string;
+}
+
+/** Per-task outcome of a finished run, in columns (aligned by core task id). */
+export interface RunRecords {
+  readonly runId: string;
+  readonly state: TaskStateName;
+  readonly message: string;
+  readonly startMs: number;
+  readonly endMs: number;
+  readonly parameters: Readonly<Record<string, unknown>>;
+  /** Spec node of each task run. */
+  readonly node: readonly number[];
+  readonly mapIndex: readonly number[];
+  /** Index into `STATE_NAMES` order of `TaskStateName` (see `STATE_ORDER`). */
+  readonly state_: readonly number[];
+  readonly attempts: readonly number[];
+  readonly start: readonly number[];
+  readonly end: readonly number[];
+  /** Index into `workerNames`, -1 when none. */
+  readonly worker: readonly number[];
+  readonly workerNames: readonly string[];
+  /** `[task id, error]` for task runs that carry one. */
+  readonly errors: readonly (readonly [number, SerializedError])[];
+  /** `[task id, story lines]` for task runs that did not succeed (capped). */
+  readonly stories: readonly (readonly [number, readonly string[]])[];
+}
+
+/** Task state names in the order `RunRecords.state_` indexes them. */
+export const STATE_ORDER: readonly TaskStateName[] = [
+  'Pending',
+  'Scheduled',
+  'Running',
+  'Retrying',
+  'Looped',
+  'Success',
+  'Cached',
+  'Mapped',
+  'Skipped',
+  'Failed',
+  'TimedOut',
+  'TriggerFailed',
+  'Cancelled',
+  'Paused',
+];
 
 /** A chunk of nodes, in id order: `nodes[i].id === offset + i`. */
 export interface GraphNodesMsg {
@@ -203,6 +260,66 @@ export interface RunStateMsg {
   /** The flow's state when finished. */
   readonly flowState?: TaskStateName;
   readonly error?: SerializedError;
+  /** With 'finished': every task run's record. */
+  readonly records?: RunRecords;
+}
+
+// ---- messages: call sessions (client ↔ scheduler) ----------------------------------
+
+/**
+ * A call-level session (the Executor interface over a cluster, like dask's
+ * `client.submit`): the client sends resolved task calls, the scheduler places them on
+ * workers and returns every outcome with its value. Replied to by `sessionReady`.
+ */
+export interface OpenSessionMsg {
+  readonly op: 'openSession';
+  readonly session: number;
+  readonly flowName: string;
+  readonly modules: readonly string[];
+  readonly taskKeys: readonly string[];
+  readonly parameters: Readonly<Record<string, unknown>>;
+  readonly bundle: string;
+}
+
+export interface SessionReadyMsg {
+  readonly op: 'sessionReady';
+  readonly session: number;
+  /** Task slots across the cluster's workers now. */
+  readonly slots: number;
+  readonly error?: SerializedError;
+}
+
+/** Calls for a session (ids unique within it). */
+export interface SubmitMsg {
+  readonly op: 'submit';
+  readonly session: number;
+  readonly calls: readonly TaskCall[];
+}
+
+export interface CancelCallsMsg {
+  readonly op: 'cancelCalls';
+  readonly session: number;
+  readonly ids: readonly number[];
+}
+
+/** Outcomes of a session's calls, values included. */
+export interface CallOutcomesMsg {
+  readonly op: 'callOutcomes';
+  readonly session: number;
+  readonly outcomes: readonly WireOutcome[];
+  /** Worker name per outcome (aligned). */
+  readonly workers: readonly string[];
+}
+
+export interface CloseSessionMsg {
+  readonly op: 'closeSession';
+  readonly session: number;
+}
+
+/** The client is done with a finished run: the scheduler drops it and its results. */
+export interface ReleaseRunMsg {
+  readonly op: 'releaseRun';
+  readonly graph: number;
 }
 
 /** One task state change. */
@@ -265,11 +382,16 @@ export interface WireDep {
   readonly arg: number;
   /** -1: the whole argument; i ≥ 0: element i of a list argument (a mapped upstream's children). */
   readonly index: number;
+  /** Take this element path inside the held value (a mapped child of an upstream that returned a list). */
+  readonly path?: readonly number[];
 }
 
 /** A `TaskCall` plus the inputs the worker must hold before starting it. */
 export interface WireCall extends TaskCall {
+  /** Inputs held on workers; their slots in `args` hold null until the worker fills them. */
   readonly deps?: readonly WireDep[];
+  /** Return the value with the outcome whatever its size (the scheduler needs it: inline consumers, checkpoints). */
+  readonly ret?: boolean;
 }
 
 /** A batch of calls for one run. Never more than the worker's credits. */
@@ -280,6 +402,8 @@ export interface ComputeMsg {
   readonly modules: readonly string[];
   readonly bundle: string;
   readonly calls: readonly WireCall[];
+  /** Peer addresses (worker id → ws://host:port) of holders named in this batch's deps. */
+  readonly peers?: Readonly<Record<string, string>>;
 }
 
 /** An `Outcome` as data. The value stays on the worker unless it is small (`value` present). */
@@ -296,6 +420,8 @@ export interface WireOutcome {
   readonly nbytes: number;
   /** Length of an array result (-1 otherwise): lets the scheduler expand a mapped dependent without the data. */
   readonly len: number;
+  /** For an array of arrays held on the worker: each element's length (so a dependent can flatten it). */
+  readonly inner?: readonly number[];
 }
 
 /** A batch of outcomes for one run. Each outcome returns one credit. */
@@ -350,10 +476,26 @@ export interface GetDataMsg {
 export interface DataMsg {
   readonly op: 'data';
   readonly id: number;
+  /** The keys found (a subset of the request's, in its order). */
   readonly keys: readonly string[];
-  /** Aligned with `keys`. */
-  readonly values: readonly unknown[];
+  /** Aligned with `keys`: each result as msgpack bytes (packed once by its maker, never re-encoded in transit). */
+  readonly values: readonly Uint8Array[];
   /** Requested keys the sender does not hold (any more). */
+  readonly missing: readonly string[];
+}
+
+/** Fetch these results from their holders and keep them (replication before a worker retires). */
+export interface AcquireMsg {
+  readonly op: 'acquire';
+  readonly id: number;
+  /** Key → address of a worker holding it. */
+  readonly from: Readonly<Record<string, string>>;
+}
+
+export interface AcquiredMsg {
+  readonly op: 'acquired';
+  readonly id: number;
+  readonly keys: readonly string[];
   readonly missing: readonly string[];
 }
 
@@ -433,6 +575,15 @@ export type Message =
   | GraphNodesMsg
   | GraphEndMsg
   | CancelRunMsg
+  | ReleaseRunMsg
+  | OpenSessionMsg
+  | SessionReadyMsg
+  | SubmitMsg
+  | CancelCallsMsg
+  | CallOutcomesMsg
+  | CloseSessionMsg
+  | AcquireMsg
+  | AcquiredMsg
   | RunStateMsg
   | TaskEventsMsg
   | EventSummaryMsg
@@ -485,25 +636,46 @@ const SPEC = {
   refuse: { dirs: ['s2c', 's2w', 'w2w'], fields: { code: 'string', reason: 'string' } },
   graphBegin: {
     dirs: ['c2s'],
-    fields: { graph: 'int', name: 'string', nodeCount: 'int', referenceTasks: 'array', modules: 'array', parameters: 'object', bundle: 'string' },
+    fields: {
+      graph: 'int',
+      name: 'string',
+      nodeCount: 'int',
+      referenceTasks: 'array',
+      modules: 'array',
+      parameters: 'object',
+      bundle: 'string',
+      options: 'object',
+    },
   },
   graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array' } },
   graphEnd: { dirs: ['c2s'], fields: { graph: 'int' } },
   cancelRun: { dirs: ['c2s'], fields: { graph: 'int' } },
-  runState: { dirs: ['s2c'], fields: { graph: 'int', state: 'string', flowState: 'string?', error: 'error?' } },
+  releaseRun: { dirs: ['c2s'], fields: { graph: 'int' } },
+  openSession: {
+    dirs: ['c2s'],
+    fields: { session: 'int', flowName: 'string', modules: 'array', taskKeys: 'array', parameters: 'object', bundle: 'string' },
+  },
+  sessionReady: { dirs: ['s2c'], fields: { session: 'int', slots: 'int', error: 'error?' } },
+  submit: { dirs: ['c2s'], fields: { session: 'int', calls: 'array' } },
+  cancelCalls: { dirs: ['c2s'], fields: { session: 'int', ids: 'array' } },
+  callOutcomes: { dirs: ['s2c'], fields: { session: 'int', outcomes: 'array', workers: 'array' } },
+  closeSession: { dirs: ['c2s'], fields: { session: 'int' } },
+  runState: { dirs: ['s2c'], fields: { graph: 'int', state: 'string', flowState: 'string?', error: 'error?', records: 'object?' } },
   taskEvents: { dirs: ['s2c'], fields: { graph: 'int', events: 'array' } },
   eventSummary: { dirs: ['s2c'], fields: { graph: 'int', counts: 'object', dropped: 'int' } },
   getResults: { dirs: ['c2s'], fields: { id: 'int', graph: 'int', tasks: 'array' } },
   results: { dirs: ['s2c'], fields: { id: 'int', values: 'array', error: 'error?' } },
-  compute: { dirs: ['s2w'], fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array' } },
+  compute: { dirs: ['s2w'], fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array', peers: 'object?' } },
   outcomes: { dirs: ['w2s'], fields: { run: 'int', outcomes: 'array' } },
   credits: { dirs: ['w2s'], fields: { credits: 'int' } },
   cancelTasks: { dirs: ['s2w'], fields: { run: 'int', tasks: 'array' } },
   release: { dirs: ['s2w'], fields: { keys: 'array' } },
   whoHas: { dirs: ['w2s'], fields: { id: 'int', keys: 'array' } },
   whoHasReply: { dirs: ['s2w'], fields: { id: 'int', holders: 'array', addresses: 'object' } },
-  getData: { dirs: ['w2w', 's2w'], fields: { id: 'int', keys: 'array' } },
-  data: { dirs: ['w2w', 'w2s'], fields: { id: 'int', keys: 'array', values: 'array', missing: 'array' } },
+  getData: { dirs: ['w2w', 's2w', 'w2s'], fields: { id: 'int', keys: 'array' } },
+  data: { dirs: ['w2w', 'w2s', 's2w'], fields: { id: 'int', keys: 'array', values: 'array', missing: 'array' } },
+  acquire: { dirs: ['s2w'], fields: { id: 'int', from: 'object' } },
+  acquired: { dirs: ['w2s'], fields: { id: 'int', keys: 'array', missing: 'array' } },
   steal: { dirs: ['s2w'], fields: { id: 'int', run: 'int', tasks: 'array' } },
   stealReply: { dirs: ['w2s'], fields: { id: 'int', run: 'int', stolen: 'array', kept: 'array' } },
   heartbeat: { dirs: ALL, fields: { at: 'number', metrics: 'object?' } },
