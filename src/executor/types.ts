@@ -7,6 +7,8 @@
  * `freeSlots()` allows; each outcome frees one slot.
  */
 import type { SerializedError } from '../errors.ts';
+import type { GraphSpec } from '../flow/spec.ts';
+import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 
 /** One attempt of one task, with its arguments already resolved. */
 export interface TaskCall {
@@ -89,4 +91,13 @@ export interface Executor {
    * executors whose `shutdown()` already releases everything.
    */
   close?(): Promise<void>;
+  /**
+   * Executors that run whole graphs elsewhere (a cluster scheduler runs the core and the
+   * runner over the graph it receives): `runFlow` hands the spec over instead of driving
+   * calls. `parameters` are already resolved and checked; every task is known to resolve
+   * in this process. The executor honours `opts` (signal, onProgress, onTaskState,
+   * tagLimits, validate, keepResults, resultDir) and, like `runFlow`, rejects only for
+   * problems found before any task runs.
+   */
+  runGraph?(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult>;
 }

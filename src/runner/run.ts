@@ -68,8 +68,9 @@ function specInfo(spec: GraphSpec): SpecInfo {
 /** Run a flow's graph spec to completion. Rejects only for problems found before any task runs. */
 export async function runFlow(spec: GraphSpec, opts: RunOptions = {}): Promise<FlowRunResult> {
   const parameters = resolveParameters(spec, opts);
-  const executor = opts.executor ?? new LocalExecutor();
-  checkResolvable(spec, executor);
+  const executor: Executor = opts.executor ?? new LocalExecutor();
+  if (opts.remote !== true) checkResolvable(spec, executor);
+  if (executor.runGraph !== undefined) return executor.runGraph(spec, parameters, opts);
   const run = new FlowRun(spec, opts, parameters, executor);
   return run.execute();
 }
@@ -635,7 +636,15 @@ class FlowRun {
     const node = this.nodes[this.core.node[id]!]!;
     const fromName = S.STATE_NAMES[from]!;
     const toName = S.STATE_NAMES[to]!;
-    this.opts.onTaskState?.({ key: node.key, mapIndex: this.core.mapIndex[id]!, from: fromName, to: toName, at: now() });
+    this.opts.onTaskState?.({
+      id,
+      attempt: this.core.attempts[id]!,
+      key: node.key,
+      mapIndex: this.core.mapIndex[id]!,
+      from: fromName,
+      to: toName,
+      at: now(),
+    });
     const o = node.options;
     if (o.stateHandlers.length === 0 && o.onFailure === null) return;
     const task = { key: node.key, mapIndex: this.core.mapIndex[id]! };

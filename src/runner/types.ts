@@ -33,6 +33,28 @@ export interface RunOptions {
   validate?: boolean;
   /** Keep task results in the returned object (default true). */
   keepResults?: boolean;
+  /**
+   * Internal (a cluster scheduler running a submitted graph): task code lives on the
+   * workers, not in this process, so the registry check is skipped; results may be
+   * handles to values held elsewhere (`refs`).
+   */
+  remote?: boolean;
+  /** Internal: how the runner treats result handles of values held elsewhere. */
+  refs?: ResultRefs;
+}
+
+/**
+ * Results that stand for values held elsewhere (on a cluster worker). The runner passes
+ * them through as arguments and asks these hooks when it must look inside one.
+ */
+export interface ResultRefs {
+  isRef(v: unknown): boolean;
+  /** Length of the list it holds, or -1 when it is not a list. */
+  length(ref: unknown): number;
+  /** A handle to element i of the list it holds. */
+  element(ref: unknown, i: number): unknown;
+  /** Lengths of the lists it holds inside its list, or null when not every element is a list (or unknown). */
+  innerLengths(ref: unknown): readonly number[] | null;
 }
 
 /** What a restart needs of an earlier run: its id (for `{runId}` in locations), parameters and task states. */
@@ -57,6 +79,10 @@ export interface RunProgress {
 }
 
 export interface TaskStateEvent {
+  /** Task run id within this run (core id; mapped children have their own). */
+  id?: number;
+  /** Attempt of the task run (1 for the first). */
+  attempt?: number;
   key: string;
   mapIndex: number;
   from: TaskStateName;
