@@ -68,6 +68,11 @@ export interface ExecutorSession {
   readonly parameters: Readonly<Record<string, unknown>>;
   /** Batched outcomes, delivered on the runner's thread. */
   onOutcomes(outcomes: Outcome[]): void;
+  /**
+   * Executors shared by several runs (a cluster's workers) call this when slots freed up
+   * that this run's own outcomes did not free: the runner dispatches again.
+   */
+  resume?(): void;
 }
 
 export interface Executor {

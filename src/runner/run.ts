@@ -216,6 +216,9 @@ class FlowRun {
       taskKeys: specInfo(this.spec).taskKeys,
       parameters: this.parameters,
       onOutcomes: (o) => this.onOutcomes(o),
+      resume: () => {
+        if (this.done === null) this.pump();
+      },
     });
     const signal = this.opts.signal;
     const onAbort = (): void => {
@@ -534,7 +537,7 @@ class FlowRun {
       else if (b.mode === 'flatten') args[a] = this.flatOf(u)[mapIndex];
       else {
         const r = this.core.mapRange(u);
-        args[a] = r !== undefined ? this.results[r.start + mapIndex] : (this.results[u] as unknown[])[mapIndex];
+        args[a] = r !== undefined ? this.results[r.start + mapIndex] : this.elementOf(this.results[u], mapIndex);
       }
     }
     return args;
@@ -558,10 +561,47 @@ class FlowRun {
     let f = this.flattened.get(u);
     if (f === undefined) {
       const v = this.valueOf(u);
-      f = Array.isArray(v) ? v.flat(1) : [];
+      const refs = this.opts.refs;
+      if (refs === undefined) f = Array.isArray(v) ? v.flat(1) : [];
+      else {
+        // Lists and handles to lists held elsewhere, flattened one level.
+        const outer = Array.isArray(v) ? v : refs.isRef(v) ? this.refList(v) : [];
+        f = [];
+        for (const x of outer) {
+          if (Array.isArray(x)) for (const y of x) f.push(y);
+          else if (refs.isRef(x)) for (const y of this.refList(x)) f.push(y);
+        }
+      }
       this.flattened.set(u, f);
     }
     return f;
+  }
+
+  /** Element i of a list result, or of a handle to one held elsewhere. */
+  private elementOf(v: unknown, i: number): unknown {
+    const refs = this.opts.refs;
+    if (refs !== undefined && refs.isRef(v)) return refs.element(v, i);
+    return (v as unknown[])[i];
+  }
+
+  /** A handle to a list held elsewhere, as a list of handles to its elements. */
+  private refList(v: unknown): unknown[] {
+    const refs = this.opts.refs!;
+    const n = refs.length(v);
+    const out = new Array<unknown>(Math.max(0, n));
+    for (let i = 0; i < n; i++) out[i] = refs.element(v, i);
+    return out;
+  }
+
+  /** Length of a list argument, or a message saying why it is not one (handles to values held elsewhere included). */
+  private listLength(v: unknown, what: string): number | string {
+    if (Array.isArray(v)) return v.length;
+    const refs = this.opts.refs;
+    if (refs !== undefined && refs.isRef(v)) {
+      const n = refs.length(v);
+      return n >= 0 ? n : `${what} returned something that is not a list`;
+    }
+    return `${what} returned ${describeType(v)}, not a list`;
   }
 
   private inputLength(id: number, arg: number): number | string {
@@ -570,11 +610,19 @@ class FlowRun {
     if (b.kind === 'const') return Array.isArray(b.value) ? b.value.length : `argument ${arg} of "${node.key}" is not a list`;
     const uKey = this.nodes[b.node]!.key;
     const v = this.valueOf(b.node);
+    const refs = this.opts.refs;
+    if (refs !== undefined && refs.isRef(v)) {
+      const n = this.listLength(v, `upstream "${uKey}"`);
+      if (typeof n === 'string') return `"${node.key}" maps over argument ${arg}, but ${n}`;
+      if (b.mode !== 'flatten') return n;
+      if (refs.innerLengths(v) === null) return `"${node.key}" flattens argument ${arg}, but not every element of "${uKey}" is a list`;
+      return this.flatOf(b.node).length;
+    }
     if (!Array.isArray(v)) {
       return `"${node.key}" maps over argument ${arg}, but upstream "${uKey}" returned ${describeType(v)}, not a list`;
     }
     if (b.mode === 'flatten') {
-      const bad = v.findIndex((x) => !Array.isArray(x));
+      const bad = v.findIndex((x) => !Array.isArray(x) && (refs === undefined || !refs.isRef(x) || refs.length(x) < 0));
       if (bad >= 0) return `"${node.key}" flattens argument ${arg}, but element ${bad} of "${uKey}" is ${describeType(v[bad])}, not a list`;
       return this.flatOf(b.node).length;
     }
@@ -730,6 +778,9 @@ class FlowRun {
         const r = core.mapRange(id);
         if (r !== undefined) return results.slice(r.start, r.start + r.width) as T;
         return results[id] as T;
+      },
+      taskResult(id: number): unknown {
+        return results[id];
       },
       stateOf(ref: NodeRef): TaskStateName {
         return core.stateName(idOf(ref));

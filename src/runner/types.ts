@@ -122,6 +122,8 @@ export interface FlowRunResult {
   readonly tasks: readonly TaskRunRecord[];
   /** The result of a node (for a mapped node: the list of its children's results). */
   result<T = unknown>(ref: NodeRef | { readonly node: number; readonly __type?: T }): T;
+  /** Internal: the result of one task run by its id (`TaskRunRecord` order), for a cluster scheduler answering its client. */
+  taskResult?(id: number): unknown;
   /** The final state of a node (for a mapped node, the parent's state). */
   stateOf(ref: NodeRef): TaskStateName;
   /** The task runs of a node: the node itself, then its mapped children by index. */

@@ -1,0 +1,98 @@
+/**
+ * `weft scheduler`: run a cluster scheduler until SIGINT/SIGTERM.
+ *
+ * Its first stdout line is `weft scheduler listening on <ws-address> (status <http>/status)`
+ * (LocalCluster and scripts read the address from it); logs go to stderr.
+ */
+import { readFile } from 'node:fs/promises';
+import { readTokenFile } from '../cluster/auth.ts';
+import { startScheduler, type SchedulerOptions } from '../cluster/scheduler.ts';
+import { formatFlags, parseArgs, UsageError, type FlagSpec } from './args.ts';
+
+export const SCHEDULER_FLAGS: readonly FlagSpec[] = [
+  { name: 'host', kind: 'string', value: 'HOST', help: 'address to listen on (default 127.0.0.1)' },
+  { name: 'port', kind: 'string', value: 'PORT', help: 'port for workers, clients, /status and /metrics (default 8786; 0 = any free port)' },
+  { name: 'token-file', kind: 'string', value: 'FILE', help: 'shared secret (file mode 600): workers and clients must prove they know it' },
+  { name: 'tls-cert', kind: 'string', value: 'FILE', help: 'PEM certificate: serve wss:// and https://' },
+  { name: 'tls-key', kind: 'string', value: 'FILE', help: 'PEM private key of --tls-cert' },
+  { name: 'tls-ca', kind: 'string', value: 'FILE', help: 'PEM CA: peers must present a client certificate it signed' },
+  { name: 'heartbeat-ms', kind: 'string', value: 'MS', help: 'heartbeat interval for small clusters (default 500; grows with the cluster)' },
+  { name: 'worker-ttl', kind: 'string', value: 'N', help: 'a worker silent for N heartbeat intervals is lost (default 60)' },
+  { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
+];
+
+export const SCHEDULER_USAGE = `Usage: weft scheduler [options]
+
+Runs a cluster scheduler: workers ('weft worker ws://HOST:PORT') and clients
+('weft run flow.ts --executor cluster --address ws://HOST:PORT') connect to it.
+GET /status (JSON) and /metrics (Prometheus) on the same port.
+
+Options:
+${formatFlags(SCHEDULER_FLAGS)}`;
+
+function intFlag(v: unknown, flag: string, min: number): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new UsageError(`--${flag} must be an integer >= ${min}, got ${JSON.stringify(v)}`);
+  return n;
+}
+
+export interface SchedulerCommandIO {
+  stdout: { write(s: string): unknown };
+  stderr: { write(s: string): unknown };
+}
+
+/** Runs until a signal; resolves with the exit code. */
+export async function schedulerCommand(argv: string[], io: SchedulerCommandIO = process): Promise<number> {
+  let opts: SchedulerOptions;
+  try {
+    const { flags, positionals } = parseArgs(argv, SCHEDULER_FLAGS);
+    if (flags.help === true) {
+      io.stdout.write(`${SCHEDULER_USAGE}\n`);
+      return 0;
+    }
+    if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
+    const port = intFlag(flags.port, 'port', 0) ?? 8786;
+    if (port > 65535) throw new UsageError(`--port must be at most 65535, got ${port}`);
+    opts = { host: (flags.host as string | undefined) ?? '127.0.0.1', port, log: (line) => io.stderr.write(`[weft scheduler] ${line}\n`) };
+    const hb = intFlag(flags['heartbeat-ms'], 'heartbeat-ms', 10);
+    if (hb !== undefined) opts.heartbeatMs = hb;
+    const ttl = intFlag(flags['worker-ttl'], 'worker-ttl', 2);
+    if (ttl !== undefined) opts.missedHeartbeats = ttl;
+    if (typeof flags['token-file'] === 'string') opts.token = await readTokenFile(flags['token-file']);
+    const cert = flags['tls-cert'];
+    const key = flags['tls-key'];
+    const ca = flags['tls-ca'];
+    if ((cert === undefined) !== (key === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
+    if (ca !== undefined && cert === undefined) throw new UsageError('--tls-ca needs --tls-cert and --tls-key');
+    if (typeof cert === 'string' && typeof key === 'string') {
+      opts.tls = {
+        cert: await readFile(cert),
+        key: await readFile(key),
+        ...(typeof ca === 'string' ? { ca: await readFile(ca), requireClientCert: true } : {}),
+      };
+    }
+  } catch (err) {
+    io.stderr.write(`weft scheduler: ${(err as Error).message}\n`);
+    return 2;
+  }
+  let server;
+  try {
+    server = await startScheduler(opts);
+  } catch (err) {
+    io.stderr.write(`weft scheduler: cannot listen on ${opts.host}:${opts.port}: ${(err as Error).message}\n`);
+    return 1;
+  }
+  io.stdout.write(`weft scheduler listening on ${server.address} (status ${server.httpUrl}/status)\n`);
+  await new Promise<void>((resolve) => {
+    const stop = (): void => {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      resolve();
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+  await server.close();
+  return 0;
+}

@@ -1,0 +1,831 @@
+/**
+ * The scheduler's view of its workers: credits, placement, results held on workers,
+ * lineage, stealing and retirement. Graph runs and call sessions reach the workers
+ * through a `FleetSession` each — an `Executor`, so the scheduler drives a submitted
+ * graph with the very runner (`runFlow`) that runs flows in-process.
+ *
+ * - **Credits.** A worker may hold at most `credits` calls (it says how many: slots ×
+ *   saturation, 0 while over its memory limit). `freeSlots()` never promises more than
+ *   the free credits, shared fairly between the sessions that want work.
+ * - **Placement.** A call whose inputs are held on workers goes to the worker holding
+ *   most of their bytes if it has a free credit; a call without such inputs goes to the
+ *   worker currently being filled (round robin over free credits, O(1) per call).
+ * - **Results stay where they were made.** A result larger than the worker's inline
+ *   limit is held there; the runner gets a `RemoteRef` in its place and passes it on
+ *   as an argument, which becomes a `WireDep` the receiving worker fetches from a peer.
+ * - **Lineage.** Each held result remembers the call that made it. When its only
+ *   holder dies, it is recomputed (inputs first, recursively) when still needed, and calls
+ *   that wait for it are placed once it is back. The runner never hears of it.
+ * - **Lost workers.** Calls in flight on a dead worker end 'lost' (the runner retries
+ *   them; the core fails a task lost on 3 workers as a suspected poison task).
+ */
+import { performance } from 'node:perf_hooks';
+import { Unpackr } from 'msgpackr';
+import { WorkerLostError, type SerializedError } from '../errors.ts';
+import type { Executor, ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
+import type { ResultRefs } from '../runner/types.ts';
+import type { Connection } from './connection.ts';
+import { dataKey, type WireCall, type WireDep, type WireOutcome } from './protocol.ts';
+
+const now = (): number => performance.timeOrigin + performance.now();
+
+/** msgpack bytes of held results (packed by the worker that made them, without records). */
+const valueUnpackr = new Unpackr({ useRecords: false, mapsAsObjects: true });
+
+export function unpackValue(bytes: Uint8Array): unknown {
+  return valueUnpackr.unpack(bytes);
+}
+
+export interface WorkerState {
+  readonly id: string;
+  readonly name: string;
+  readonly conn: Connection;
+  readonly threads: number;
+  readonly resources: Readonly<Record<string, number>>;
+  readonly memoryLimit: number;
+  /** Peer address (ws://host:port), '' when it serves none. */
+  readonly address: string;
+  readonly pid: number;
+  readonly heartbeatMs: number;
+  readonly joinedMs: number;
+  credits: number;
+  /** Calls sent and not yet ended. */
+  used: number;
+  /** Calls by resource name in flight (for resource capacity). */
+  resourceUse: Map<string, number>;
+  retiring: boolean;
+  /** Results held there (by key). */
+  readonly held: Map<string, HeldResult>;
+  /** Peer addresses already told to it. */
+  readonly knownPeers: Set<string>;
+  /** Calls waiting to go out in this tick's compute message, per run. */
+  readonly pending: Map<number, WireCall[]>;
+  metrics: Record<string, number>;
+  executed: number;
+}
+
+/** A result held on workers. */
+export class HeldResult {
+  readonly holders = new Set<WorkerState>();
+  /** Recomputing after its last holder died. */
+  recomputing = false;
+  /** Calls to place once it is back. */
+  waiters: Inflight[] = [];
+  released = false;
+  constructor(
+    readonly key: string,
+    readonly session: FleetSession,
+    readonly producer: WireCall,
+    public nbytes: number,
+    public len: number,
+    public inner: readonly number[] | null,
+  ) {}
+}
+
+/** What the runner holds in place of a result that stayed on a worker. */
+export class RemoteRef {
+  constructor(
+    readonly held: HeldResult,
+    readonly path: readonly number[] = [],
+  ) {}
+}
+
+export const remoteRefs: ResultRefs = {
+  isRef: (v) => v instanceof RemoteRef,
+  length(ref) {
+    const r = ref as RemoteRef;
+    if (r.path.length === 0) return r.held.len;
+    if (r.path.length === 1) return r.held.inner?.[r.path[0]!] ?? -1;
+    return -1;
+  },
+  element: (ref, i) => new RemoteRef((ref as RemoteRef).held, [...(ref as RemoteRef).path, i]),
+  innerLengths: (ref) => ((ref as RemoteRef).path.length === 0 ? (ref as RemoteRef).held.inner : null),
+};
+
+/** A call on its way to, or on, a worker. */
+export interface Inflight {
+  readonly session: FleetSession;
+  call: WireCall;
+  worker: WorkerState | null;
+  /** Set for lineage recomputation: the result this call remakes (the runner knows nothing of it). */
+  readonly remake: HeldResult | null;
+  /** Results this call needs that are being recomputed. */
+  blockedOn: number;
+}
+
+export interface FleetStats {
+  assigned: number;
+  completed: number;
+  lost: number;
+  recomputed: number;
+  stolen: number;
+  relayedBytes: number;
+  relayedKeys: number;
+}
+
+export interface FleetOptions {
+  log: (line: string) => void;
+  /** Ask a worker for results (scheduler ↔ worker getData). */
+  fetch(worker: WorkerState, keys: readonly string[]): Promise<{ keys: readonly string[]; values: readonly Uint8Array[]; missing: readonly string[] }>;
+  /** Ask a worker to fetch results from peers and keep them. */
+  acquire(worker: WorkerState, from: Record<string, string>): Promise<{ keys: readonly string[]; missing: readonly string[] }>;
+}
+
+export class Fleet {
+  readonly workers = new Map<string, WorkerState>();
+  /** Workers in placement order. */
+  private order: WorkerState[] = [];
+  private cursor = 0;
+  readonly sessions = new Map<number, FleetSession>();
+  private nextRun = 1;
+  private flushScheduled = false;
+  private readonly flushCb = (): void => {
+    this.flushScheduled = false;
+    this.flush();
+  };
+  /** Sessions whose runner wants slots (they are pumped when credits come back). */
+  private hungry = new Set<FleetSession>();
+  readonly stats: FleetStats = { assigned: 0, completed: 0, lost: 0, recomputed: 0, stolen: 0, relayedBytes: 0, relayedKeys: 0 };
+
+  constructor(readonly options: FleetOptions) {}
+
+  // ---- workers ----------------------------------------------------------------
+
+  addWorker(w: WorkerState): void {
+    this.workers.set(w.id, w);
+    this.order.push(w);
+  }
+
+  workersGone(): boolean {
+    return this.order.length === 0;
+  }
+
+  get slots(): number {
+    let s = 0;
+    for (const w of this.order) if (!w.retiring) s += w.threads;
+    return s;
+  }
+
+  get freeCredits(): number {
+    let f = 0;
+    for (const w of this.order) if (!w.retiring && w.credits > w.used) f += w.credits - w.used;
+    return f;
+  }
+
+  setCredits(w: WorkerState, credits: number): void {
+    w.credits = credits;
+    this.wake();
+  }
+
+  /** A worker died or left: its calls end 'lost', its unique results are recomputed when still needed. */
+  removeWorker(w: WorkerState, reason: string): void {
+    if (!this.workers.delete(w.id)) return;
+    this.order = this.order.filter((x) => x !== w);
+    this.cursor = 0;
+    w.pending.clear();
+    const err: SerializedError = {
+      name: 'WorkerLostError',
+      message: `worker ${w.name} was lost: ${reason}`,
+      code: 'WORKER_LOST',
+    };
+    for (const s of this.sessions.values()) {
+      let lost: Outcome[] | null = null;
+      for (const f of s.inflight.values()) {
+        if (f.worker !== w) continue;
+        if (f.remake !== null) {
+          // A recomputation in flight: start it again elsewhere.
+          f.worker = null;
+          this.place(f);
+          continue;
+        }
+        s.inflight.delete(f.call.id);
+        if (f.call.runId < 0) {
+          // An ahead call: its producer was lost too; the runner drops it.
+        }
+        this.stats.lost++;
+        (lost ??= []).push({ id: f.call.id, runId: f.call.runId, status: 'lost', error: err, startMs: 0, endMs: now(), worker: w.name });
+      }
+      if (lost !== null) s.deliver(lost);
+    }
+    for (const h of w.held.values()) {
+      h.holders.delete(w);
+      if (h.holders.size === 0 && !h.released && !h.session.closed) this.recompute(h);
+    }
+    w.held.clear();
+    this.options.log(`worker ${w.name} (${w.id}) removed: ${reason}`);
+    this.wake();
+  }
+
+  // ---- sessions ---------------------------------------------------------------
+
+  openSession(kind: 'graph' | 'calls', modules: readonly string[], bundle: string): FleetSession {
+    const s = new FleetSession(this, this.nextRun++, kind, modules, bundle);
+    this.sessions.set(s.run, s);
+    return s;
+  }
+
+  /** Fair share of the free credits for one session. */
+  shareFor(s: FleetSession): number {
+    const free = this.freeCredits;
+    if (free <= 0) {
+      this.hungry.add(s);
+      return 0;
+    }
+    this.hungry.add(s);
+    const n = this.hungry.size;
+    return n <= 1 ? free : Math.max(1, Math.ceil(free / n));
+  }
+
+  /** Credits came back: let waiting sessions dispatch again. */
+  wake(): void {
+    this.placeAllParked();
+    if (this.hungry.size === 0) return;
+    const hungry = [...this.hungry];
+    this.hungry.clear();
+    for (const s of hungry) if (!s.closed) s.pumpRunner();
+  }
+
+  closeSession(s: FleetSession, releaseData: boolean): void {
+    const cancel: number[] = [];
+    for (const f of s.inflight.values()) if (f.worker !== null) cancel.push(f.call.id);
+    if (cancel.length > 0) {
+      const byWorker = new Map<WorkerState, number[]>();
+      for (const f of s.inflight.values()) {
+        if (f.worker === null) continue;
+        let l = byWorker.get(f.worker);
+        if (l === undefined) byWorker.set(f.worker, (l = []));
+        l.push(f.call.id);
+        f.worker.used--;
+      }
+      for (const [w, ids] of byWorker) w.conn.send({ op: 'cancelTasks', run: s.run, tasks: ids });
+    }
+    s.inflight.clear();
+    this.hungry.delete(s);
+    if (releaseData) this.releaseSession(s);
+    this.wake();
+  }
+
+  /** Drop every result of a session on every worker. */
+  releaseSession(s: FleetSession): void {
+    this.sessions.delete(s.run);
+    for (const w of this.order) {
+      for (const [k, h] of w.held) if (h.session === s) w.held.delete(k);
+      if (s.touched.has(w)) w.conn.send({ op: 'release', keys: [`${s.run}:*`] });
+    }
+    s.touched.clear();
+  }
+
+  // ---- placement ----------------------------------------------------------------
+
+  /** Place a call: on the worker holding most of its input bytes, else the next with a free credit. */
+  place(f: Inflight): boolean {
+    const call = f.call;
+    let best: WorkerState | null = null;
+    const deps = call.deps;
+    if (deps !== undefined && deps.length > 0) {
+      let bestBytes = -1;
+      // Few deps per call: a tiny linear tally.
+      const tally = new Map<WorkerState, number>();
+      for (const d of deps) {
+        const h = f.session.heldFor(d.key);
+        if (h === undefined) continue;
+        for (const w of h.holders) {
+          if (w.retiring || w.credits <= w.used) continue;
+          const b = (tally.get(w) ?? 0) + d.nbytes;
+          tally.set(w, b);
+          if (b > bestBytes) {
+            bestBytes = b;
+            best = w;
+          }
+        }
+      }
+    }
+    if (best === null) best = this.nextFree();
+    if (best === null) return false;
+    this.assign(f, best);
+    return true;
+  }
+
+  private nextFree(): WorkerState | null {
+    const order = this.order;
+    const n = order.length;
+    for (let k = 0; k < n; k++) {
+      const i = (this.cursor + k) % n;
+      const w = order[i]!;
+      if (!w.retiring && w.credits > w.used) {
+        this.cursor = i;
+        return w;
+      }
+    }
+    return null;
+  }
+
+  private assign(f: Inflight, w: WorkerState): void {
+    f.worker = w;
+    w.used++;
+    this.stats.assigned++;
+    const s = f.session;
+    s.touched.add(w);
+    let batch = w.pending.get(s.run);
+    if (batch === undefined) w.pending.set(s.run, (batch = []));
+    batch.push(f.call);
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(this.flushCb);
+    }
+  }
+
+  /** Send this tick's compute messages (one per worker and run). */
+  flush(): void {
+    for (const w of this.order) {
+      if (w.pending.size === 0) continue;
+      for (const [run, calls] of w.pending) {
+        const s = this.sessions.get(run);
+        if (s === undefined) continue;
+        let peers: Record<string, string> | undefined;
+        for (const c of calls) {
+          if (c.deps === undefined) continue;
+          for (const d of c.deps) {
+            for (const id of d.holders) {
+              const h = this.workers.get(id);
+              if (h === undefined || h === w || w.knownPeers.has(id) || h.address === '') continue;
+              (peers ??= {})[id] = h.address;
+              w.knownPeers.add(id);
+            }
+          }
+        }
+        w.conn.send({ op: 'compute', run, modules: s.modules, bundle: s.bundle, calls, ...(peers !== undefined ? { peers } : {}) });
+      }
+      w.pending.clear();
+    }
+  }
+
+  // ---- outcomes ---------------------------------------------------------------
+
+  /** A worker's batch of outcomes for one run. */
+  outcomes(w: WorkerState, run: number, outs: readonly WireOutcome[]): void {
+    const s = this.sessions.get(run);
+    if (s === undefined) {
+      // A closed session: the credits still come back.
+      w.used = Math.max(0, w.used - outs.length);
+      this.wake();
+      return;
+    }
+    let batch: Outcome[] | null = null;
+    for (let i = 0; i < outs.length; i++) {
+      const o = outs[i]!;
+      const f = s.inflight.get(o.id);
+      if (f === undefined || f.worker !== w || f.call.runId !== o.runId) continue; // stale (cancelled, stolen back, rescheduled)
+      s.inflight.delete(o.id);
+      w.used--;
+      w.executed++;
+      this.stats.completed++;
+      if (f.remake !== null) {
+        this.remade(f, w, o);
+        continue;
+      }
+      if (o.status === 'lost' && o.error?.code === 'INPUT_LOST') {
+        // An input vanished (its holder died while this call fetched it): wait for its recomputation.
+        if (this.retryAfterInputs(f)) continue;
+      }
+      let value: unknown;
+      if (o.status === 'ok') {
+        if ('value' in o) value = o.value;
+        else {
+          const key = dataKey(run, o.id);
+          const h = new HeldResult(key, s, stripForLineage(f.call), o.nbytes, o.len, o.inner ?? null);
+          h.holders.add(w);
+          w.held.set(key, h);
+          s.held.set(key, h);
+          value = new RemoteRef(h);
+        }
+      }
+      const out: Outcome = { id: o.id, runId: o.runId, status: o.status, startMs: o.startMs, endMs: o.endMs, worker: w.name };
+      if (value !== undefined) out.value = value;
+      if (o.error !== undefined) out.error = o.error;
+      (batch ??= []).push(out);
+    }
+    if (batch !== null) s.deliver(batch);
+    this.wake();
+  }
+
+  /** The outcome of a recomputation. */
+  private remade(f: Inflight, w: WorkerState, o: WireOutcome): void {
+    const h = f.remake!;
+    h.recomputing = false;
+    this.stats.recomputed++;
+    const waiters = h.waiters;
+    h.waiters = [];
+    if (o.status === 'ok' && !('value' in o)) {
+      h.nbytes = o.nbytes;
+      h.holders.add(w);
+      w.held.set(h.key, h);
+      for (const x of waiters) this.unblock(x);
+      return;
+    }
+    if (o.status === 'ok') {
+      // Came back inline this time (the worker inlines small values): keep it held by asking again is not possible; fail waiters clearly.
+    }
+    const err: SerializedError = {
+      name: 'WorkerLostError',
+      message: `input ${h.key} was lost with its worker and recomputing it ended ${o.status}${o.error ? `: ${o.error.message}` : ''}`,
+      code: 'INPUT_LOST',
+    };
+    for (const x of waiters) {
+      if (x.remake !== null) {
+        this.remadeFailed(x, err);
+        continue;
+      }
+      x.session.inflight.delete(x.call.id);
+      x.session.deliver([{ id: x.call.id, runId: x.call.runId, status: 'error', error: err, startMs: 0, endMs: now() }]);
+    }
+  }
+
+  private remadeFailed(x: Inflight, err: SerializedError): void {
+    x.session.inflight.delete(x.call.id);
+    const h = x.remake!;
+    h.recomputing = false;
+    const ws = h.waiters;
+    h.waiters = [];
+    for (const y of ws) {
+      if (y.remake !== null) this.remadeFailed(y, err);
+      else {
+        y.session.inflight.delete(y.call.id);
+        y.session.deliver([{ id: y.call.id, runId: y.call.runId, status: 'error', error: err, startMs: 0, endMs: now() }]);
+      }
+    }
+  }
+
+  /** Park a call until its lost inputs are recomputed. False when none of its inputs is lost. */
+  private retryAfterInputs(f: Inflight): boolean {
+    f.worker = null;
+    const missing = this.blockers(f);
+    if (missing === 0) {
+      // The input is held somewhere else again: place the call anew.
+      f.call = refreshDeps(f.call, f.session);
+      f.session.inflight.set(f.call.id, f);
+      if (!this.place(f)) f.session.parked.push(f);
+      return true;
+    }
+    f.session.inflight.set(f.call.id, f);
+    return true;
+  }
+
+  /** Count (and trigger recomputation of) the lost inputs of a call; registers it as a waiter on each. */
+  blockers(f: Inflight): number {
+    let n = 0;
+    const deps = f.call.deps;
+    if (deps === undefined) return 0;
+    const seen = new Set<string>();
+    for (const d of deps) {
+      if (seen.has(d.key)) continue;
+      seen.add(d.key);
+      const h = f.session.heldFor(d.key);
+      if (h === undefined || h.holders.size > 0) continue;
+      n++;
+      h.waiters.push(f);
+      if (!h.recomputing) this.recompute(h);
+    }
+    f.blockedOn = n;
+    return n;
+  }
+
+  private unblock(f: Inflight): void {
+    if (--f.blockedOn > 0) return;
+    f.call = refreshDeps(f.call, f.session);
+    if (!this.place(f)) f.session.parked.push(f);
+  }
+
+  /** Recompute a result whose holders all died (its inputs first). */
+  recompute(h: HeldResult): void {
+    if (h.recomputing || h.released) return;
+    h.recomputing = true;
+    const s = h.session;
+    const f: Inflight = { session: s, call: { ...h.producer, runId: -1 }, worker: null, remake: h, blockedOn: 0 };
+    this.options.log(`recomputing ${h.key} (task "${h.producer.key}") from lineage`);
+    // Remakes use ids outside the runner's: a negative id per key.
+    f.call = { ...f.call, id: -(s.nextRemakeId++) };
+    s.inflight.set(f.call.id, f);
+    if (this.blockers(f) > 0) return;
+    f.call = refreshDeps(f.call, s);
+    if (!this.place(f)) s.parked.push(f);
+  }
+
+  /** Place parked calls (credits came back). */
+  placeParked(s: FleetSession): void {
+    if (s.parked.length === 0) return;
+    const parked = s.parked;
+    s.parked = [];
+    for (let i = 0; i < parked.length; i++) {
+      const f = parked[i]!;
+      if (!this.place(f)) {
+        s.parked = parked.slice(i).concat(s.parked);
+        return;
+      }
+    }
+  }
+
+  /** Parked calls of every session (after credits came back or a worker joined). */
+  placeAllParked(): void {
+    for (const s of this.sessions.values()) this.placeParked(s);
+  }
+
+  // ---- stealing ---------------------------------------------------------------
+
+  /**
+   * Idle workers take queued calls from saturated ones: a worker with more calls than
+   * threads gives back the excess it has not started (the worker decides, transactionally).
+   */
+  stealCandidates(): { victim: WorkerState; run: number; ids: number[]; thief: WorkerState }[] {
+    const idle = this.order.filter((w) => !w.retiring && w.used === 0 && w.credits > 0);
+    if (idle.length === 0) return [];
+    const out: { victim: WorkerState; run: number; ids: number[]; thief: WorkerState }[] = [];
+    for (const victim of this.order) {
+      const excess = victim.used - victim.threads;
+      if (excess <= 0 || idle.length === 0) continue;
+      const thief = idle.shift()!;
+      const want = Math.min(excess, thief.credits);
+      const byRun = new Map<number, number[]>();
+      let n = 0;
+      for (const s of this.sessions.values()) {
+        for (const f of s.inflight.values()) {
+          if (f.worker !== victim || f.call.runId < 0 || n >= want) continue;
+          let l = byRun.get(s.run);
+          if (l === undefined) byRun.set(s.run, (l = []));
+          l.push(f.call.id);
+          n++;
+        }
+      }
+      for (const [run, ids] of byRun) out.push({ victim, run, ids, thief });
+    }
+    return out;
+  }
+
+  /** The victim's answer: stolen calls go to the thief (or wherever there is room). */
+  stolen(victim: WorkerState, run: number, ids: readonly number[], thief: WorkerState | undefined): void {
+    const s = this.sessions.get(run);
+    if (s === undefined) {
+      victim.used = Math.max(0, victim.used - ids.length);
+      return;
+    }
+    for (const id of ids) {
+      const f = s.inflight.get(id);
+      if (f === undefined || f.worker !== victim) continue;
+      victim.used--;
+      this.stats.stolen++;
+      f.worker = null;
+      if (thief !== undefined && this.workers.has(thief.id) && !thief.retiring && thief.credits > thief.used) this.assign(f, thief);
+      else if (!this.place(f)) s.parked.push(f);
+    }
+    this.wake();
+  }
+
+  // ---- retirement -------------------------------------------------------------
+
+  /**
+   * Move a retiring worker's unique results to other workers (they fetch them from its
+   * peer server), then resolve. Results nobody else can take are recomputed later if needed.
+   */
+  async evacuate(w: WorkerState): Promise<number> {
+    w.retiring = true;
+    const unique: HeldResult[] = [];
+    for (const h of w.held.values()) if (h.holders.size === 1 && !h.released && !h.session.closed) unique.push(h);
+    const others = this.order.filter((x) => x !== w && !x.retiring);
+    if (unique.length === 0 || others.length === 0 || w.address === '') return 0;
+    const plan = new Map<WorkerState, Record<string, string>>();
+    unique.forEach((h, i) => {
+      const to = others[i % others.length]!;
+      let m = plan.get(to);
+      if (m === undefined) plan.set(to, (m = {}));
+      m[h.key] = w.address;
+    });
+    let moved = 0;
+    await Promise.all(
+      [...plan].map(async ([to, from]) => {
+        try {
+          const r = await this.options.acquire(to, from);
+          for (const k of r.keys) {
+            const h = w.held.get(k);
+            if (h === undefined) continue;
+            h.holders.add(to);
+            to.held.set(k, h);
+            moved++;
+          }
+        } catch (err) {
+          this.options.log(`moving results off ${w.name} to ${to.name} failed: ${(err as Error).message}`);
+        }
+      }),
+    );
+    return moved;
+  }
+}
+
+/** What lineage keeps of a call: the same call (its args already hold only constants and nulls for deps). */
+function stripForLineage(c: WireCall): WireCall {
+  return c;
+}
+
+/** Re-read holders of a call's deps (they change as workers die and results are remade or moved). */
+function refreshDeps(c: WireCall, s: FleetSession): WireCall {
+  if (c.deps === undefined) return c;
+  const deps: WireDep[] = c.deps.map((d) => {
+    const h = s.heldFor(d.key);
+    if (h === undefined) return d;
+    const holders: string[] = [];
+    for (const w of h.holders) holders.push(w.id);
+    return { ...d, holders };
+  });
+  return { ...c, deps };
+}
+
+/**
+ * One graph run or call session on the fleet, as an Executor (the runner's view).
+ * `run` is the fleet-wide number that namespaces its task ids and result keys.
+ */
+export class FleetSession implements Executor {
+  readonly kind = 'cluster';
+  session: ExecutorSession | null = null;
+  readonly inflight = new Map<number, Inflight>();
+  /** Results of this session held on workers (by key). */
+  readonly held = new Map<string, HeldResult>();
+  /** Calls that found no free credit (recomputations, stolen calls). */
+  parked: Inflight[] = [];
+  /** Workers that received compute for this session. */
+  readonly touched = new Set<WorkerState>();
+  closed = false;
+  nextRemakeId = 1;
+  /** Per task key (node key): return the value with the outcome whatever its size. */
+  needsValue: ((key: string) => boolean) | null = null;
+  /** Call sessions return every value. */
+  returnAll: boolean;
+  /** Runs the runner's pump when credits come back. */
+  pumpRunner: () => void = () => undefined;
+  private pending: Outcome[] | null = null;
+
+  constructor(
+    readonly fleet: Fleet,
+    readonly run: number,
+    readonly mode: 'graph' | 'calls',
+    readonly modules: readonly string[],
+    readonly bundle: string,
+  ) {
+    this.returnAll = mode === 'calls';
+  }
+
+  get workers(): number {
+    return Math.max(1, this.fleet.slots);
+  }
+
+  heldFor(key: string): HeldResult | undefined {
+    return this.held.get(key);
+  }
+
+  start(session: ExecutorSession): Promise<void> {
+    this.session = session;
+    return Promise.resolve();
+  }
+
+  freeSlots(): number {
+    if (this.closed) return 0;
+    if (this.parked.length > 0) {
+      this.fleet.placeParked(this);
+      if (this.parked.length > 0) return 0;
+    }
+    return this.fleet.shareFor(this);
+  }
+
+  submit(calls: TaskCall[]): void {
+    const fleet = this.fleet;
+    for (let i = 0; i < calls.length; i++) {
+      const f: Inflight = { session: this, call: this.toWire(calls[i]!), worker: null, remake: null, blockedOn: 0 };
+      this.inflight.set(f.call.id, f);
+      if (fleet.workersGone()) {
+        this.parked.push(f);
+        continue;
+      }
+      if (f.call.deps !== undefined && this.blockedByLost(f)) continue;
+      if (!fleet.place(f)) this.parked.push(f);
+    }
+  }
+
+  private blockedByLost(f: Inflight): boolean {
+    const deps = f.call.deps!;
+    for (const d of deps) {
+      const h = this.held.get(d.key);
+      if (h !== undefined && h.holders.size === 0) {
+        // Count and register through the fleet (it recomputes them).
+        return this.fleet.blockers(f) > 0;
+      }
+    }
+    return false;
+  }
+
+  /** Args → WireCall: RemoteRefs (top level, or elements of a list argument) become deps. */
+  private toWire(c: TaskCall): WireCall {
+    const args = c.args;
+    let deps: WireDep[] | null = null;
+    let copied = false;
+    for (let a = 0; a < args.length; a++) {
+      const v = args[a];
+      if (v instanceof RemoteRef) {
+        if (!copied) {
+          c = { ...c, args: args.slice() };
+          copied = true;
+        }
+        c.args[a] = null;
+        (deps ??= []).push(depOf(v, a, -1));
+      } else if (Array.isArray(v) && v.length > 0 && hasRef(v)) {
+        if (!copied) {
+          c = { ...c, args: args.slice() };
+          copied = true;
+        }
+        const list = v.slice();
+        for (let i = 0; i < list.length; i++) {
+          const x = list[i];
+          if (x instanceof RemoteRef) {
+            list[i] = null;
+            (deps ??= []).push(depOf(x, a, i));
+          }
+        }
+        c.args[a] = list;
+      }
+    }
+    const ret = this.returnAll || (this.needsValue !== null && this.needsValue(c.key));
+    if (deps === null && !ret) return c;
+    const w: WireCall = { ...c, ...(deps !== null ? { deps } : {}), ...(ret ? { ret: true } : {}) };
+    return w;
+  }
+
+  cancel(ids: readonly number[]): void {
+    const byWorker = new Map<WorkerState, number[]>();
+    const now_ = now();
+    const out: Outcome[] = [];
+    for (const id of ids) {
+      const f = this.inflight.get(id);
+      if (f === undefined) continue;
+      if (f.worker === null) {
+        // Parked or waiting for inputs: never sent.
+        this.inflight.delete(id);
+        this.parked = this.parked.filter((x) => x !== f);
+        out.push({ id, runId: f.call.runId, status: 'cancelled', error: { name: 'CancelledError', message: `task "${f.call.key}" was cancelled` }, startMs: 0, endMs: now_ });
+        continue;
+      }
+      let l = byWorker.get(f.worker);
+      if (l === undefined) byWorker.set(f.worker, (l = []));
+      l.push(id);
+    }
+    for (const [w, l] of byWorker) w.conn.send({ op: 'cancelTasks', run: this.run, tasks: l });
+    if (out.length > 0) this.deliver(out);
+  }
+
+  /** Outcomes to the runner (or the client), batched per tick. */
+  deliver(outs: Outcome[]): void {
+    if (this.closed || this.session === null) return;
+    if (this.pending === null) {
+      this.pending = outs;
+      queueMicrotask(() => {
+        const p = this.pending!;
+        this.pending = null;
+        if (!this.closed) this.session?.onOutcomes(p);
+      });
+    } else for (const o of outs) this.pending.push(o);
+  }
+
+  /** End the run (the runner calls this). Graph runs keep their results until the client releases them. */
+  shutdown(): Promise<void> {
+    if (!this.closed) {
+      this.closed = this.mode === 'calls';
+      this.fleet.closeSession(this, this.mode === 'calls');
+      if (this.mode === 'graph') this.runnerDone = true;
+    }
+    return Promise.resolve();
+  }
+
+  runnerDone = false;
+
+  /** Drop the session and its results everywhere (client released it or left). */
+  release(): void {
+    if (this.closed && !this.fleet.sessions.has(this.run)) return;
+    this.closed = true;
+    this.fleet.closeSession(this, true);
+    for (const h of this.held.values()) h.released = true;
+    this.held.clear();
+  }
+}
+
+function hasRef(list: unknown[]): boolean {
+  for (let i = 0; i < list.length; i++) if (list[i] instanceof RemoteRef) return true;
+  return false;
+}
+
+function depOf(r: RemoteRef, arg: number, index: number): WireDep {
+  const holders: string[] = [];
+  for (const w of r.held.holders) holders.push(w.id);
+  const d: WireDep = { key: r.held.key, holders, nbytes: r.held.nbytes, arg, index, ...(r.path.length > 0 ? { path: r.path } : {}) };
+  return d;
+}
+
+/** Lost-worker error for calls (kept for symmetry with the pool's). */
+export function lostError(worker: string, reason: string): WorkerLostError {
+  return new WorkerLostError(`worker ${worker} was lost: ${reason}`);
+}
