@@ -320,7 +320,7 @@ export class Fleet {
     return null;
   }
 
-  private assign(f: Inflight, w: WorkerState): void {
+  assign(f: Inflight, w: WorkerState): void {
     f.worker = w;
     w.used++;
     this.stats.assigned++;
@@ -387,6 +387,14 @@ export class Fleet {
       if (o.status === 'lost' && o.error?.code === 'INPUT_LOST') {
         // An input vanished (its holder died while this call fetched it): wait for its recomputation.
         if (this.retryAfterInputs(f)) continue;
+      }
+      if (s.aheadOn.size > 0) {
+        const af = s.aheadOn.get(o.id);
+        if (af !== undefined) {
+          s.aheadOn.delete(o.id);
+          // Its lineage must not wait for a local producer that will never run again.
+          if (o.status === 'ok' && 'value' in o) af.call = inlineDep(af.call, dataKey(run, o.id), o.value);
+        }
       }
       let value: unknown;
       if (o.status === 'ok') {
@@ -756,6 +764,34 @@ export class FleetSession implements Executor {
     return w;
   }
 
+  /** The future result of a call in flight: as an argument, the worker that runs that call hands it over locally. */
+  future(producer: number): unknown {
+    const pf = this.inflight.get(producer);
+    return new RemoteRef(new HeldResult(dataKey(this.run, producer), this, pf?.call ?? NO_CALL, 0, -1, null));
+  }
+
+  /** Send a dependent to its producer's worker now; it starts there when the producer succeeds. */
+  submitAhead(call: TaskCall, producer: number): boolean {
+    const pf = this.inflight.get(producer);
+    const w = pf?.worker ?? null;
+    if (w === null || w.retiring || this.closed || this.inflight.has(call.id)) return false;
+    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0 };
+    if (f.call.deps !== undefined) {
+      // Every other input must be held by that worker or be known: a lost one rules it out.
+      for (const d of f.call.deps) {
+        const h = this.held.get(d.key);
+        if (h !== undefined && h.holders.size === 0) return false;
+      }
+    }
+    this.inflight.set(call.id, f);
+    this.aheadOn.set(producer, f);
+    this.fleet.assign(f, w);
+    return true;
+  }
+
+  /** Ahead calls by producer id (their deps on it are patched when its value comes back inline). */
+  readonly aheadOn = new Map<number, Inflight>();
+
   cancel(ids: readonly number[]): void {
     const byWorker = new Map<WorkerState, number[]>();
     const now_ = now();
@@ -812,6 +848,44 @@ export class FleetSession implements Executor {
     this.held.clear();
   }
 }
+
+/** A call with the dep on `key` replaced by its value. */
+function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
+  if (c.deps === undefined) return c;
+  const args = c.args.slice();
+  const deps: WireDep[] = [];
+  for (const d of c.deps) {
+    if (d.key !== key) {
+      deps.push(d);
+      continue;
+    }
+    let v = value;
+    for (const p of d.path ?? []) v = (v as unknown[] | undefined)?.[p];
+    if (d.index < 0) args[d.arg] = v;
+    else {
+      const list = (args[d.arg] as unknown[]).slice();
+      list[d.index] = v;
+      args[d.arg] = list;
+    }
+  }
+  const out: WireCall = { ...c, args };
+  if (deps.length > 0) return { ...out, deps };
+  const { deps: _d, ...rest } = out;
+  return rest;
+}
+
+const NO_CALL: WireCall = {
+  id: -1,
+  runId: -1,
+  taskKey: '',
+  key: '',
+  args: [],
+  timeoutMs: 0,
+  mapIndex: -1,
+  attempt: 0,
+  loopCount: 0,
+  loopResult: undefined,
+};
 
 function hasRef(list: unknown[]): boolean {
   for (let i = 0; i < list.length; i++) if (list[i] instanceof RemoteRef) return true;

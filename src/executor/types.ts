@@ -104,5 +104,14 @@ export interface Executor {
    * tagLimits, validate, keepResults, resultDir) and, like `runFlow`, rejects only for
    * problems found before any task runs.
    */
+  /**
+   * Executors that can run a dependent right after its producer, on the producer's
+   * worker (a cluster): `future(producer)` stands for the producer's result in the
+   * dependent's arguments, `submitAhead(call, producer)` sends the dependent there (false
+   * when it cannot). The call carries a negative runId; its outcome comes back with it,
+   * or as 'cancelled' when the producer did not succeed. Such calls take no slot.
+   */
+  future?(producer: number): unknown;
+  submitAhead?(call: TaskCall, producer: number): boolean;
   runGraph?(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult>;
 }

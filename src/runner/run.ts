@@ -31,6 +31,9 @@ import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, Ta
 
 const now = (): number => performance.timeOrigin + performance.now();
 
+/** Links of a chain sent ahead past the one dispatched. */
+const AHEAD_DEPTH = 64;
+
 /** What the runner needs from a whole-spec pass, computed once per spec (specs are immutable). */
 interface SpecInfo {
   /** Parameter nodes. */
@@ -170,6 +173,10 @@ class FlowRun {
    */
   private readonly special: Uint8Array;
   private readonly t0 = now();
+  /** Calls sent ahead to a producer's worker, by task id (see `sendAhead`). */
+  private readonly ahead = new Map<number, { token: number; taken: boolean; outcome: Outcome | null }>();
+  private aheadSeq = 0;
+  private readonly canAhead: boolean;
   private pumping = false;
   private pumpAgain = false;
   private done: { state: RunState; message: string } | null = null;
@@ -183,6 +190,7 @@ class FlowRun {
     private readonly executor: Executor,
   ) {
     this.nodes = spec.nodes;
+    this.canAhead = executor.submitAhead !== undefined && executor.future !== undefined;
     this.hasHandlers = specInfo(spec).hasHandlers;
     const onTransition = this.hasHandlers || opts.onTaskState !== undefined ? this.onTransition.bind(this) : undefined;
     this.core = new SchedulerCore(spec, {
@@ -294,7 +302,10 @@ class FlowRun {
         const call = this.prepare(id);
         if (call !== null) (batch ??= []).push(call);
       }
-      if (batch !== null) this.executor.submit(batch);
+      if (batch !== null) {
+        this.executor.submit(batch);
+        if (this.canAhead) for (let j = 0; j < batch.length; j++) this.sendAhead(batch[j]!.id);
+      }
       this.drainInstructions();
     }
   }
@@ -302,6 +313,17 @@ class FlowRun {
   /** A TaskCall for the executor, or null when the runner settled the task itself. */
   private prepare(id: number): TaskCall | null {
     const core = this.core;
+    if (this.ahead.size > 0) {
+      const e = this.ahead.get(id);
+      if (e !== undefined) {
+        // Already on a worker (sent ahead): no new call.
+        if (e.outcome !== null) {
+          this.ahead.delete(id);
+          this.apply({ ...e.outcome, runId: core.runId[id]! });
+        } else e.taken = true;
+        return null;
+      }
+    }
     const node = this.nodes[core.node[id]!]!;
     const runId = core.runId[id]!;
     const mapIndex = core.mapIndex[id]!;
@@ -403,29 +425,83 @@ class FlowRun {
   }
 
   private onOutcomes(outcomes: Outcome[]): void {
-    const core = this.core;
     for (let i = 0; i < outcomes.length; i++) {
       const o = outcomes[i]!;
-      const id = o.id;
-      if (!core.current(id, o.runId)) continue; // stale: rescheduled meanwhile
-      if (o.startMs > 0) this.startMs[id] = o.startMs;
-      this.endMs[id] = o.endMs > 0 ? o.endMs : now();
-      if (o.worker !== undefined) this.workers[id] = o.worker;
-      if (o.status === 'ok') {
-        this.results[id] = o.value;
-        if (this.special[core.node[id]!] === 1) {
-          const node = this.nodes[core.node[id]!]!;
-          try {
-            this.persist(id, node, o.value);
-          } catch (err) {
-            this.settleError(id, o.runId, err);
-            continue;
-          }
-        }
-        core.success(id, o.runId);
-      } else this.settleOutcome(id, o);
+      if (o.runId < 0) this.aheadOutcome(o);
+      else this.apply(o);
     }
     this.pump();
+  }
+
+  private apply(o: Outcome): void {
+    const core = this.core;
+    const id = o.id;
+    if (!core.current(id, o.runId)) return; // stale: rescheduled meanwhile
+    if (o.startMs > 0) this.startMs[id] = o.startMs;
+    this.endMs[id] = o.endMs > 0 ? o.endMs : now();
+    if (o.worker !== undefined) this.workers[id] = o.worker;
+    if (o.status === 'ok') {
+      this.results[id] = o.value;
+      if (this.special[core.node[id]!] === 1) {
+        const node = this.nodes[core.node[id]!]!;
+        try {
+          this.persist(id, node, o.value);
+        } catch (err) {
+          this.settleError(id, o.runId, err);
+          return;
+        }
+      }
+      core.success(id, o.runId);
+    } else this.settleOutcome(id, o);
+  }
+
+  // --- ahead calls (a chain's next link sent to its producer's worker) --------------
+
+  /**
+   * After dispatching `id`: while the task that becomes ready exactly when the current
+   * one succeeds is a plain task, send it ahead (up to AHEAD_DEPTH links) to the worker
+   * of its producer, with the producer's future result as its input.
+   */
+  private sendAhead(id: number): void {
+    const ex = this.executor;
+    const core = this.core;
+    let cur = id;
+    for (let depth = 0; depth < AHEAD_DEPTH; depth++) {
+      const d = core.aheadCandidate(cur);
+      if (d < 0 || this.ahead.has(d)) return;
+      const nodeId = core.node[d]!;
+      const node = this.nodes[nodeId]!;
+      if (node.kind !== 'task' || this.special[nodeId] === 1) return;
+      const saved = this.results[cur];
+      this.results[cur] = ex.future!(cur);
+      let args: unknown[];
+      try {
+        args = this.argsFor(node, -1);
+      } catch {
+        return;
+      } finally {
+        this.results[cur] = saved;
+      }
+      const token = -++this.aheadSeq;
+      const call = this.call(d, node, token, -1, args);
+      call.attempt = core.attempts[d]! + 1;
+      if (!ex.submitAhead!(call, cur)) return;
+      this.ahead.set(d, { token, taken: false, outcome: null });
+      cur = d;
+    }
+  }
+
+  /** The outcome of an ahead call: applied once its task is dispatched, dropped when it never ran. */
+  private aheadOutcome(o: Outcome): void {
+    const e = this.ahead.get(o.id);
+    if (e === undefined || e.token !== o.runId) return;
+    if (e.taken) {
+      this.ahead.delete(o.id);
+      this.apply({ ...o, runId: this.core.runId[o.id]! });
+      return;
+    }
+    if (o.status === 'cancelled' || o.status === 'lost') this.ahead.delete(o.id); // it never ran: dispatch normally
+    else e.outcome = o; // it ran: apply when the task becomes ready (its producer's outcome comes first)
   }
 
   private settleOutcome(id: number, o: Outcome): void {

@@ -422,6 +422,35 @@ export class SchedulerCore {
     return k;
   }
 
+  /**
+   * The dependent that becomes ready exactly when `id` succeeds — when `id` is a static,
+   * unmapped task whose only dependent is a static, unmapped task with a built-in
+   * all-succeeded trigger, no limited tag, and no other upstream still open or failed or
+   * skipped. -1 otherwise. A cluster sends such a dependent to the producer's worker
+   * ahead of time (a chain then runs there without a scheduler round trip per link).
+   */
+  aheadCandidate(id: number): number {
+    if (id >= this.nStatic || this.cancelling || this.finished) return -1;
+    if ((this.nodeFlags[id]! & NF_MAPPED) !== 0) return -1;
+    if (this.hasMapped && id < this.expHead.length && this.expHead[id]! >= 0) return -1;
+    let d = -1;
+    let edges = 0;
+    for (let e = this.outHead[id]!; e >= 0; e = this.edgeNext[e]!) {
+      const to = this.edgeTo[e]!;
+      if (d === -1) d = to;
+      else if (to !== d) return -1;
+      edges++;
+    }
+    if (d < 0 || d >= this.nStatic) return -1;
+    if (this.state[d] !== PENDING || this.remaining[d] !== edges) return -1;
+    const nf = this.nodeFlags[d]!;
+    if ((nf & NF_FAST) === 0 || (nf & NF_MAPPED) !== 0) return -1;
+    const b = d * 3;
+    if (this.upCounts[b + 1] !== 0 || this.upCounts[b + 2] !== 0) return -1;
+    if (this.tagIds !== null && this.tagIds[this.node[d]!]!.length > 0) return -1;
+    return d;
+  }
+
   /** Ready tasks waiting for a slot. */
   get readyCount(): number {
     return this.heap.size;
