@@ -34,4 +34,6 @@ export type {
   NodeRef,
 } from './runner/types.ts';
 export type { Executor } from './executor/types.ts';
-export { LocalExecutor, PoolExecutor } from './executor/index.ts';
+export { LocalExecutor, PoolExecutor, ClusterExecutor, type ClusterExecutorOptions } from './executor/index.ts';
+export { LocalCluster, type LocalClusterOptions, type ClusterStatus } from './cluster/local-cluster.ts';
+export { ClusterConnectionError } from './cluster/client.ts';
