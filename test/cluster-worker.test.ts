@@ -13,6 +13,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { acceptHandshake, Connection } from '../src/cluster/connection.ts';
 import type { DataMsg, HelloMsg, Message, MessageOf, Op, WireCall, WireDep, WireOutcome } from '../src/cluster/protocol.ts';
 import { startWorker, type ClusterWorker, type WorkerOptions } from '../src/cluster/worker.ts';
+import { parseMemoryLimit, parseResources, workerCommand } from '../src/cli/worker.ts';
 import { packValue, unpackValue, WorkerStore } from '../src/cluster/worker-store.ts';
 import { taskOptions } from '../src/flow/defaults.ts';
 import { registerTask } from '../src/flow/registry.ts';
@@ -724,5 +725,85 @@ describe('WorkerStore', () => {
 
   it('refuses to pack functions (msgpackr would write undefined)', () => {
     expect(() => packValue({ f: () => 1 })).toThrow(/function/);
+  });
+});
+
+describe('weft worker (command)', () => {
+  const io = (): { out: string[]; err: string[]; signal: (s: string) => void; io: Parameters<typeof workerCommand>[1] } => {
+    const out: string[] = [];
+    const err: string[] = [];
+    let handler: ((s: string) => void) | null = null;
+    return {
+      out,
+      err,
+      signal: (s) => handler?.(s),
+      io: {
+        stdout: { write: (t: string) => out.push(t) },
+        stderr: { write: (t: string) => err.push(t) },
+        onSignal: (h) => {
+          handler = h;
+          return () => {
+            handler = null;
+          };
+        },
+      },
+    };
+  };
+
+  it('parses memory sizes and resources', () => {
+    expect(parseMemoryLimit('2GiB')).toBe(2 * 1024 ** 3);
+    expect(parseMemoryLimit('500MB')).toBe(500e6);
+    expect(parseMemoryLimit('1.5g')).toBe(1.5e9);
+    expect(parseMemoryLimit('1048576')).toBe(1048576);
+    expect(parseMemoryLimit('64 KiB')).toBe(65536);
+    expect(() => parseMemoryLimit('lots')).toThrow(/--memory-limit .*'lots'/);
+    expect(() => parseMemoryLimit('2XB')).toThrow(/--memory-limit/);
+    expect(parseResources('GPU=1,MEM=2.5')).toEqual({ GPU: 1, MEM: 2.5 });
+    expect(() => parseResources('GPU')).toThrow(/--resources/);
+    expect(() => parseResources('GPU=x')).toThrow(/--resources: GPU/);
+    expect(() => parseResources('GPU=1,GPU=2')).toThrow(/given twice/);
+  });
+
+  it('refuses bad command lines with exit code 2, naming the flag', async () => {
+    const cases: [string[], RegExp][] = [
+      [[], /missing the scheduler address/],
+      [['http://x:1'], /ws:\/\/HOST:PORT/],
+      [['ws://127.0.0.1:1', '--threads', '0'], /--threads must be a positive integer/],
+      [['ws://127.0.0.1:1', '--memory-limit', 'huge'], /--memory-limit/],
+      [['ws://127.0.0.1:1', '--resources', 'GPU'], /--resources/],
+      [['ws://127.0.0.1:1', '--tls-cert', 'a.pem'], /--tls-cert and --tls-key go together/],
+      [['ws://127.0.0.1:1', '--tls-ca', '/nonexistent/ca.pem'], /--tls-ca: cannot read/],
+      [['ws://127.0.0.1:1', '--token-file', '/nonexistent/token'], /cannot read token file/],
+      [['ws://127.0.0.1:1', '--bogus'], /unknown flag --bogus/],
+    ];
+    for (const [argv, re] of cases) {
+      const t = io();
+      expect(await workerCommand(argv, t.io)).toBe(2);
+      expect(t.err.join('')).toMatch(re);
+    }
+    const t = io();
+    expect(await workerCommand(['--help'], t.io)).toBe(0);
+    expect(t.out.join('')).toContain('Usage: weft worker');
+  });
+
+  it('connects, prints the connected line, and retires on SIGTERM', async () => {
+    const s = await scheduler();
+    const t = io();
+    const exit = workerCommand([s.url, '--name', 'cli-w', '--threads', '1', '--resources', 'GPU=1', '--memory-limit', '1TiB'], t.io);
+    try {
+      const link = await s.nextLink(0);
+      expect(link.hello).toMatchObject({ name: 'cli-w', resources: { GPU: 1 }, memoryLimit: 2 ** 40 });
+      await until(() => t.out.length > 0, 'connected line');
+      expect(t.out[0]).toBe(`weft worker cli-w connected to ${s.url} (peer ${link.hello.address})\n`);
+      t.signal('SIGTERM');
+      expect((await link.first('retire')).reason).toBe('SIGTERM');
+      link.send({ op: 'retire', reason: 'ok' });
+      expect(await exit).toBe(0);
+      await link.waitClosed();
+    } finally {
+      t.signal('SIGINT');
+      t.signal('SIGINT');
+      await exit;
+    }
   });
 });
