@@ -10,6 +10,8 @@ import {
   Batcher,
   DEFAULT_MAX_FRAME_BYTES,
   FrameCodec,
+  GraphDecoder,
+  GraphEncoder,
   OPS,
   PROTOCOL_VERSION,
   ProtocolError,
@@ -26,6 +28,7 @@ import {
   type Message,
   type MessageTo,
   type Op,
+  type WireNode,
   type WorkerToScheduler,
 } from '../src/cluster/protocol.ts';
 import { deserializeError, serializeError, SkipSignal, TaskTimeoutError, WeftError } from '../src/errors.ts';
@@ -317,7 +320,7 @@ describe('graph nodes as data', () => {
     expect(wire.inlineOp).toEqual({ op: 'equals', value: 3, name: 'case(x)' });
     const { tx, rx } = pair();
     const [got] = rx.decode(tx.encode([{ op: 'graphNodes', graph: 1, offset: 0, nodes: [wire] }]));
-    const back = fromWireNode((got as GraphNodesMsg).nodes[0]!);
+    const back = fromWireNode((got as GraphNodesMsg).nodes[0] as WireNode);
     expect(back.inline?.(3)).toBe(3);
     expect(() => back.inline?.(4)).toThrow(SkipSignal);
     expect(inlineOpOf(back.inline)).toEqual(wire.inlineOp);
@@ -581,5 +584,40 @@ describe('protocol errors across a hop', () => {
     expect(back).toBeInstanceOf(WeftError);
     expect((back as ProtocolError).code).toBe('UNKNOWN_OP');
     expect(back.message).toBe('unknown op "nope"');
+  });
+});
+
+describe('GraphEncoder / GraphDecoder', () => {
+  it('sends each options object and string once and rebuilds the same nodes', () => {
+    const shared = taskOptions({ name: 'leaf', maxRetries: 2, tags: ['io'] });
+    const sum = taskOptions({ name: 'sum' });
+    const nodes: NodeSpec[] = [];
+    for (let i = 0; i < 6; i++) {
+      nodes.push({ id: i, key: `leaf-${i}`, kind: 'task', taskKey: 'file:///t.ts#leaf', module: 'file:///t.ts', args: [{ kind: 'const', value: i, mode: 'plain' }], upstream: [], mapped: false, options: shared });
+    }
+    nodes.push({ id: 6, key: 'sum', kind: 'task', taskKey: 'file:///t.ts#sum', module: 'file:///t.ts', args: [0, 1, 2, 3, 4, 5].map((n) => ({ kind: 'ref', node: n, mode: 'plain' }) as const), upstream: [], mapped: false, options: sum });
+    const enc = new GraphEncoder();
+    const dec = new GraphDecoder();
+    const { tx, rx } = pair();
+    const first = enc.chunk(9, nodes, 0, 4);
+    const second = enc.chunk(9, nodes, 4, 7);
+    expect(first.options).toHaveLength(1);
+    expect(first.strings).toEqual(['file:///t.ts#leaf', 'file:///t.ts']);
+    expect(second.options).toHaveLength(1); // only "sum" is new
+    expect(second.strings).toEqual(['file:///t.ts#sum']);
+    const back: NodeSpec[] = [];
+    for (const m of rx.decode(tx.encode([first, second]))) back.push(...dec.nodes(m as GraphNodesMsg));
+    expect(back.map((n) => [n.id, n.key, n.taskKey, n.module, n.options.name, n.options.maxRetries])).toEqual(
+      nodes.map((n) => [n.id, n.key, n.taskKey, n.module, n.options.name, n.options.maxRetries]),
+    );
+    expect(back[6]!.args).toEqual(nodes[6]!.args);
+    // Nodes that shared an options object share it again (the runner relies on that for speed).
+    expect(back[0]!.options).toBe(back[5]!.options);
+  });
+
+  it('refuses a node that points outside the tables', () => {
+    const dec = new GraphDecoder();
+    const bad = { op: 'graphNodes', graph: 1, offset: 0, nodes: [{ key: 'a', kind: 'task', t: 0, m: 0, o: 3, args: [], upstream: [], mapped: false }] } as unknown as GraphNodesMsg;
+    expect(() => dec.nodes(bad)).toThrow(expect.objectContaining({ code: 'BAD_MESSAGE' }));
   });
 });

@@ -256,6 +256,7 @@ export class Fleet {
         if (l === undefined) byWorker.set(f.worker, (l = []));
         l.push(f.call.id);
         f.worker.used--;
+        if (f.call.resources !== undefined) useResources(f.worker, f.call.resources, -1);
       }
       for (const [w, ids] of byWorker) w.conn.send({ op: 'cancelTasks', run: s.run, tasks: ids });
     }
@@ -280,6 +281,7 @@ export class Fleet {
   /** Place a call: on the worker holding most of its input bytes, else the next with a free credit. */
   place(f: Inflight): boolean {
     const call = f.call;
+    if (call.resources !== undefined) return this.placeWithResources(f, call.resources);
     let best: WorkerState | null = null;
     const deps = call.deps;
     if (deps !== undefined && deps.length > 0) {
@@ -306,6 +308,36 @@ export class Fleet {
     return true;
   }
 
+  /** Only workers that advertise the resources, within their capacity; most input bytes first. */
+  private placeWithResources(f: Inflight, need: Readonly<Record<string, number>>): boolean {
+    let best: WorkerState | null = null;
+    let bestBytes = -1;
+    for (const w of this.order) {
+      if (w.retiring || w.credits <= w.used || !fits(w, need)) continue;
+      let bytes = 0;
+      for (const d of f.call.deps ?? []) {
+        const h = f.session.heldFor(d.key);
+        if (h !== undefined && h.holders.has(w)) bytes += d.nbytes;
+      }
+      if (bytes > bestBytes) {
+        bestBytes = bytes;
+        best = w;
+      }
+    }
+    if (best === null) {
+      if (!f.session.warnedResources) {
+        f.session.warnedResources = true;
+        const any = this.order.some((w) => fitsTotal(w, need));
+        this.options.log(
+          `task "${f.call.key}" needs ${JSON.stringify(need)}: ${any ? 'waiting for capacity' : 'no connected worker advertises that much; it waits for one to join'}`,
+        );
+      }
+      return false;
+    }
+    this.assign(f, best);
+    return true;
+  }
+
   private nextFree(): WorkerState | null {
     const order = this.order;
     const n = order.length;
@@ -323,6 +355,7 @@ export class Fleet {
   assign(f: Inflight, w: WorkerState): void {
     f.worker = w;
     w.used++;
+    if (f.call.resources !== undefined) useResources(w, f.call.resources, 1);
     this.stats.assigned++;
     const s = f.session;
     s.touched.add(w);
@@ -378,6 +411,7 @@ export class Fleet {
       if (f === undefined || f.worker !== w || f.call.runId !== o.runId) continue; // stale (cancelled, stolen back, rescheduled)
       s.inflight.delete(o.id);
       w.used--;
+      if (f.call.resources !== undefined) useResources(w, f.call.resources, -1);
       w.executed++;
       this.stats.completed++;
       if (f.remake !== null) {
@@ -557,7 +591,7 @@ export class Fleet {
       let n = 0;
       for (const s of this.sessions.values()) {
         for (const f of s.inflight.values()) {
-          if (f.worker !== victim || f.call.runId < 0 || n >= want) continue;
+          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || n >= want) continue;
           let l = byRun.get(s.run);
           if (l === undefined) byRun.set(s.run, (l = []));
           l.push(f.call.id);
@@ -580,6 +614,7 @@ export class Fleet {
       const f = s.inflight.get(id);
       if (f === undefined || f.worker !== victim) continue;
       victim.used--;
+      if (f.call.resources !== undefined) useResources(victim, f.call.resources, -1);
       this.stats.stolen++;
       f.worker = null;
       if (thief !== undefined && this.workers.has(thief.id) && !thief.retiring && thief.credits > thief.used) this.assign(f, thief);
@@ -661,6 +696,7 @@ export class FleetSession implements Executor {
   /** Workers that received compute for this session. */
   readonly touched = new Set<WorkerState>();
   closed = false;
+  warnedResources = false;
   nextRemakeId = 1;
   /** Per task key (node key): return the value with the outcome whatever its size. */
   needsValue: ((key: string) => boolean) | null = null;
@@ -774,7 +810,7 @@ export class FleetSession implements Executor {
   submitAhead(call: TaskCall, producer: number): boolean {
     const pf = this.inflight.get(producer);
     const w = pf?.worker ?? null;
-    if (w === null || w.retiring || this.closed || this.inflight.has(call.id)) return false;
+    if (w === null || w.retiring || this.closed || this.inflight.has(call.id) || call.resources !== undefined) return false;
     const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0 };
     if (f.call.deps !== undefined) {
       // Every other input must be held by that worker or be known: a lost one rules it out.
@@ -847,6 +883,20 @@ export class FleetSession implements Executor {
     for (const h of this.held.values()) h.released = true;
     this.held.clear();
   }
+}
+
+function fits(w: WorkerState, need: Readonly<Record<string, number>>): boolean {
+  for (const k in need) if ((w.resources[k] ?? 0) - (w.resourceUse.get(k) ?? 0) < need[k]!) return false;
+  return true;
+}
+
+function fitsTotal(w: WorkerState, need: Readonly<Record<string, number>>): boolean {
+  for (const k in need) if ((w.resources[k] ?? 0) < need[k]!) return false;
+  return true;
+}
+
+function useResources(w: WorkerState, need: Readonly<Record<string, number>>, sign: 1 | -1): void {
+  for (const k in need) w.resourceUse.set(k, (w.resourceUse.get(k) ?? 0) + sign * need[k]!);
 }
 
 /** A call with the dep on `key` replaced by its value. */

@@ -237,7 +237,33 @@ export interface GraphNodesMsg {
   readonly op: 'graphNodes';
   readonly graph: number;
   readonly offset: number;
-  readonly nodes: readonly WireNode[];
+  /** Full nodes (`toWireNode`) or compact ones (`GraphEncoder`). */
+  readonly nodes: readonly (WireNode | CompactNode)[];
+  /** Compact form: task options first used in this chunk, appended to the graph's table (indexes continue). */
+  readonly options?: readonly WireTaskOptions[];
+  /** Compact form: strings (task keys, module URLs) first used in this chunk, appended likewise. */
+  readonly strings?: readonly string[];
+}
+
+/**
+ * A node in the compact form of `graphNodes`: options, task key and module are indexes
+ * into per-graph tables that chunks extend (big graphs share a handful of option
+ * objects and task keys, so a node costs a few bytes plus its key and arguments).
+ * Its id is its position (`offset + i`).
+ */
+export interface CompactNode {
+  readonly key: string;
+  readonly kind: NodeKind;
+  /** Index of the task key in the string table (-1 for none). */
+  readonly t: number;
+  /** Index of the module URL in the string table (-1 for none). */
+  readonly m: number;
+  readonly o: number;
+  readonly args: readonly ArgBinding[];
+  readonly upstream: readonly number[];
+  readonly mapped: boolean;
+  readonly parameter?: NodeSpec['parameter'];
+  readonly inlineOp?: InlineOp;
 }
 
 /** The last chunk was sent: the scheduler validates the graph and starts the run. */
@@ -647,7 +673,7 @@ const SPEC = {
       options: 'object',
     },
   },
-  graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array' } },
+  graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array', options: 'array?', strings: 'array?' } },
   graphEnd: { dirs: ['c2s'], fields: { graph: 'int' } },
   cancelRun: { dirs: ['c2s'], fields: { graph: 'int' } },
   releaseRun: { dirs: ['c2s'], fields: { graph: 'int' } },
@@ -1154,6 +1180,128 @@ export function wireError(err: unknown): SerializedError {
 /** A travelled error record, rebuilt into its class (`instanceof` works for weft's errors). */
 export function errorFromWire(rec: SerializedError): Error {
   return deserializeError(rec);
+}
+
+/**
+ * Encodes a graph's nodes into compact `graphNodes` chunks (one encoder per graph
+ * submission): each distinct options object and string travels once.
+ */
+export class GraphEncoder {
+  private readonly options = new Map<TaskOptions, number>();
+  private readonly strings = new Map<string, number>();
+
+  /** The chunk holding `nodes[start..end)`. Throws `ProtocolError` for what cannot travel. */
+  chunk(graph: number, nodes: readonly NodeSpec[], start: number, end: number): GraphNodesMsg {
+    const newOptions: WireTaskOptions[] = [];
+    const newStrings: string[] = [];
+    const out = new Array<CompactNode>(end - start);
+    const str = (v: string): number => {
+      if (v === '') return -1;
+      let i = this.strings.get(v);
+      if (i === undefined) {
+        i = this.strings.size;
+        this.strings.set(v, i);
+        newStrings.push(v);
+      }
+      return i;
+    };
+    for (let k = start; k < end; k++) {
+      const node = nodes[k]!;
+      let o = this.options.get(node.options);
+      if (o === undefined) {
+        o = this.options.size;
+        this.options.set(node.options, o);
+        newOptions.push(toWireNode({ ...node, kind: 'task', inline: undefined }).options);
+      }
+      const inlineOp = inlineOpOf(node.inline);
+      if (node.kind === 'inline' && inlineOp === undefined) {
+        throw new ProtocolError('BAD_MESSAGE', `task "${node.key}": inline node without an InlineOp descriptor cannot be sent`, { field: 'inline' });
+      }
+      const c: { -readonly [K in keyof CompactNode]: CompactNode[K] } = {
+        key: node.key,
+        kind: node.kind,
+        t: str(node.taskKey),
+        m: str(node.module),
+        o,
+        args: node.args,
+        upstream: node.upstream,
+        mapped: node.mapped,
+      };
+      if (node.parameter !== undefined) c.parameter = node.parameter;
+      if (inlineOp !== undefined) c.inlineOp = inlineOp;
+      out[k - start] = c;
+    }
+    return {
+      op: 'graphNodes',
+      graph,
+      offset: start,
+      nodes: out,
+      ...(newOptions.length > 0 ? { options: newOptions } : {}),
+      ...(newStrings.length > 0 ? { strings: newStrings } : {}),
+    };
+  }
+}
+
+/** Decodes `graphNodes` chunks (either form) back into NodeSpecs, in order (one decoder per graph). */
+export class GraphDecoder {
+  private readonly options: TaskOptions[] = [];
+  private readonly strings: string[] = [];
+
+  nodes(msg: GraphNodesMsg): NodeSpec[] {
+    if (msg.options !== undefined) {
+      if (!Array.isArray(msg.options)) throw new ProtocolError('BAD_MESSAGE', 'graphNodes: "options" must be an array', { field: 'options' });
+      for (const w of msg.options) {
+        if (typeof w !== 'object' || w === null || typeof w.trigger !== 'object' || w.trigger === null) {
+          throw new ProtocolError('BAD_MESSAGE', 'graphNodes: malformed task options', { field: 'options' });
+        }
+        const { stateHandlers: _n, onFailure: _f, ...plain } = w;
+        this.options.push({ ...plain, stateHandlers: [], onFailure: null });
+      }
+    }
+    if (msg.strings !== undefined) {
+      if (!Array.isArray(msg.strings) || msg.strings.some((x) => typeof x !== 'string')) {
+        throw new ProtocolError('BAD_MESSAGE', 'graphNodes: "strings" must be an array of strings', { field: 'strings' });
+      }
+      for (const x of msg.strings) this.strings.push(x);
+    }
+    const out = new Array<NodeSpec>(msg.nodes.length);
+    for (let i = 0; i < msg.nodes.length; i++) {
+      const id = msg.offset + i;
+      const n = msg.nodes[i] as Partial<CompactNode & WireNode>;
+      if (typeof n !== 'object' || n === null || typeof n.key !== 'string' || !Array.isArray(n.args) || !Array.isArray(n.upstream)) {
+        throw new ProtocolError('BAD_MESSAGE', `graphNodes: node ${id} is malformed`, { field: 'nodes' });
+      }
+      if (typeof n.o !== 'number') {
+        if (n.id !== id || typeof n.options !== 'object') throw new ProtocolError('BAD_MESSAGE', `graphNodes: node ${id} is malformed`, { field: 'nodes' });
+        out[i] = fromWireNode(n as WireNode);
+        continue;
+      }
+      const options = this.options[n.o];
+      const t = n.t ?? -1;
+      const m = n.m ?? -1;
+      if (options === undefined || (t >= 0 && this.strings[t] === undefined) || (m >= 0 && this.strings[m] === undefined)) {
+        throw new ProtocolError('BAD_MESSAGE', `graphNodes: node ${id} refers to an unknown table entry`, { field: 'nodes' });
+      }
+      if (n.kind !== 'task' && n.kind !== 'parameter' && n.kind !== 'inline') {
+        throw new ProtocolError('BAD_MESSAGE', `graphNodes: node ${id} has an unknown kind`, { field: 'kind' });
+      }
+      const spec: { -readonly [K in keyof NodeSpec]: NodeSpec[K] } = {
+        id,
+        key: n.key,
+        kind: n.kind,
+        taskKey: t >= 0 ? this.strings[t]! : '',
+        module: m >= 0 ? this.strings[m]! : '',
+        args: n.args,
+        upstream: n.upstream,
+        mapped: n.mapped === true,
+        options,
+      };
+      if (n.parameter !== undefined) spec.parameter = n.parameter;
+      if (n.inlineOp !== undefined) spec.inline = inlineFn(n.inlineOp);
+      out[i] = spec;
+    }
+    return out;
+  }
 }
 
 /** A graph node as data. Throws `ProtocolError` BAD_MESSAGE for what cannot travel (functions). */

@@ -26,7 +26,7 @@ import { Fleet, FleetSession, RemoteRef, remoteRefs, unpackValue, type WorkerSta
 import {
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
-  fromWireNode,
+  GraphDecoder,
   ProtocolError,
   STATE_ORDER,
   wireError,
@@ -74,6 +74,7 @@ interface GraphRun {
   readonly client: ClientState;
   readonly begin: GraphBeginMsg;
   readonly nodes: NodeSpec[];
+  readonly decoder: GraphDecoder;
   received: number;
   session: FleetSession | null;
   readonly abort: AbortController;
@@ -349,19 +350,13 @@ export class SchedulerServer {
       graphBegin: (m) => {
         if (c.graphs.has(m.graph)) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph} was already begun on this connection`, { field: 'graph' });
         if (m.nodeCount < 0 || m.nodeCount > 50_000_000) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: nodeCount ${m.nodeCount} out of range`, { field: 'nodeCount' });
-        c.graphs.set(m.graph, { client: c, begin: m, nodes: [], received: 0, session: null, abort: new AbortController(), result: null, dropped: 0 });
+        c.graphs.set(m.graph, { client: c, begin: m, nodes: [], decoder: new GraphDecoder(), received: 0, session: null, abort: new AbortController(), result: null, dropped: 0 });
       },
       graphNodes: (m) => {
         const g = this.graphOf(c, m.graph);
         if (g.session !== null) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: nodes after graphEnd`, { field: 'graph' });
         if (m.offset !== g.received) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: chunk at offset ${m.offset}, expected ${g.received}`, { field: 'offset' });
-        for (let i = 0; i < m.nodes.length; i++) {
-          const n = m.nodes[i]!;
-          if (typeof n !== 'object' || n === null || n.id !== m.offset + i || !Array.isArray(n.args) || typeof n.options !== 'object') {
-            throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: node ${m.offset + i} is malformed`, { field: 'nodes' });
-          }
-          g.nodes.push(fromWireNode(n));
-        }
+        for (const n of g.decoder.nodes(m)) g.nodes.push(n);
         g.received += m.nodes.length;
         if (g.received > g.begin.nodeCount) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: more nodes than announced (${g.begin.nodeCount})`, { field: 'nodes' });
       },

@@ -31,6 +31,8 @@ export interface TaskCall {
   loopCount: number;
   /** Value carried by the last loop signal (undefined on the first run). */
   loopResult: unknown;
+  /** Abstract resources the task needs (`{ GPU: 1 }`); absent when none. Executors that know resources place it accordingly. */
+  resources?: Readonly<Record<string, number>>;
 }
 
 export type OutcomeStatus =

@@ -340,6 +340,14 @@ class FlowRun {
   }
 
   private call(id: number, node: NodeSpec, runId: number, mapIndex: number, args: unknown[]): TaskCall {
+    const resources = node.options.resources;
+    for (const _ in resources) {
+      return { ...this.plainCall(id, node, runId, mapIndex, args), resources };
+    }
+    return this.plainCall(id, node, runId, mapIndex, args);
+  }
+
+  private plainCall(id: number, node: NodeSpec, runId: number, mapIndex: number, args: unknown[]): TaskCall {
     const core = this.core;
     return {
       id,
