@@ -4,7 +4,9 @@
  * 127.0.0.1, with real task modules (`fixtures/exec-tasks.ts`) and a few tasks this file
  * registers in-process (inline mode runs them in this thread).
  */
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +17,7 @@ import type { DataMsg, HelloMsg, Message, MessageOf, Op, WireCall, WireDep, Wire
 import { startWorker, type ClusterWorker, type WorkerOptions } from '../src/cluster/worker.ts';
 import { parseMemoryLimit, parseResources, workerCommand } from '../src/cli/worker.ts';
 import { packValue, unpackValue, WorkerStore } from '../src/cluster/worker-store.ts';
+import { PeerClients } from '../src/cluster/peer.ts';
 import { taskOptions } from '../src/flow/defaults.ts';
 import { registerTask } from '../src/flow/registry.ts';
 import { MODULE, key } from './fixtures/exec-tasks.ts';
@@ -140,18 +143,36 @@ class FakeScheduler {
     wss.on('connection', (ws: WebSocket) => this.accept(ws));
   }
 
-  static async start(o: { port?: number; token?: string; heartbeatMs?: number } = {}): Promise<FakeScheduler> {
-    const wss = new WebSocketServer({ host: '127.0.0.1', port: o.port ?? 0 });
-    await new Promise<void>((resolve, reject) => {
-      wss.once('listening', resolve);
-      wss.once('error', reject);
-    });
-    const port = (wss.address() as AddressInfo).port;
-    return new FakeScheduler(wss, port, { heartbeatMs: o.heartbeatMs ?? 1000, ...(o.token !== undefined ? { token: o.token } : {}) });
+  static async start(o: DoubleOptions = {}): Promise<FakeScheduler> {
+    let wss: WebSocketServer;
+    let close: (() => void) | null = null;
+    if (o.tls !== undefined) {
+      const server = createHttpsServer({ ...o.tls, requestCert: true, rejectUnauthorized: true });
+      wss = new WebSocketServer({ server });
+      await new Promise<void>((resolve) => server.listen(o.port ?? 0, '127.0.0.1', resolve));
+      close = () => {
+        server.closeAllConnections();
+        server.close();
+      };
+    } else {
+      wss = new WebSocketServer({ host: '127.0.0.1', port: o.port ?? 0 });
+      await new Promise<void>((resolve, reject) => {
+        wss.once('listening', resolve);
+        wss.once('error', reject);
+      });
+    }
+    const port = ((o.tls !== undefined ? (wss.options.server?.address() as AddressInfo) : (wss.address() as AddressInfo))).port;
+    const s = new FakeScheduler(wss, port, { heartbeatMs: o.heartbeatMs ?? 1000, ...(o.token !== undefined ? { token: o.token } : {}) });
+    s.secure = o.tls !== undefined;
+    s.closeServer = close;
+    return s;
   }
 
+  secure = false;
+  private closeServer: (() => void) | null = null;
+
   get url(): string {
-    return `ws://127.0.0.1:${this.port}`;
+    return `${this.secure ? 'wss' : 'ws'}://127.0.0.1:${this.port}`;
   }
 
   private accept(ws: WebSocket): void {
@@ -195,7 +216,15 @@ class FakeScheduler {
   async close(): Promise<void> {
     for (const ws of this.wss.clients) ws.terminate();
     await new Promise<void>((resolve) => this.wss.close(() => resolve()));
+    this.closeServer?.();
   }
+}
+
+interface DoubleOptions {
+  port?: number;
+  token?: string;
+  heartbeatMs?: number;
+  tls?: { cert: Buffer; key: Buffer; ca: Buffer };
 }
 
 // ---- helpers ------------------------------------------------------------------------
@@ -234,7 +263,7 @@ const workers: ClusterWorker[] = [];
 const dirs: string[] = [];
 let logs: string[] = [];
 
-async function scheduler(o: { port?: number; token?: string; heartbeatMs?: number } = {}): Promise<FakeScheduler> {
+async function scheduler(o: DoubleOptions = {}): Promise<FakeScheduler> {
   const s = await FakeScheduler.start(o);
   schedulers.push(s);
   return s;
@@ -482,7 +511,7 @@ describe('cluster worker: inputs', () => {
         call(1, T + 'sum', [null], { deps: [dep('9:1', ['ghost'])] }),
         call(2, T + 'sum', [null], { deps: [dep('9:2', ['ghost', 'nobody'])] }),
       ],
-      { ghost: 'ws://127.0.0.1:1' },
+      { ghost: 'ws://127.0.0.1:1', nobody: 'not an address' },
     );
     const req = await link.first('getData');
     expect([...req.keys].sort()).toEqual(['9:1', '9:2']);
@@ -512,13 +541,41 @@ describe('cluster worker: inputs', () => {
     const l2 = await s.nextLink(1);
     l1.compute(1, [call(1, T + 'range', [100])]);
     await l1.waitOutcomes([1]);
-    l2.send({ op: 'acquire', id: 5, from: { '1:1': w1.address, '1:77': w1.address } });
+    l2.send({ op: 'acquire', id: 5, from: { '1:1': w1.address, '1:77': w1.address, '1:78': '%%' } });
     const acq = await l2.first('acquired');
-    expect(acq).toMatchObject({ id: 5, keys: ['1:1'], missing: ['1:77'] });
+    expect(acq).toMatchObject({ id: 5, keys: ['1:1'], missing: ['1:77', '1:78'] });
     const d = await getData(l2, ['1:1']);
     expect(unpackValue(d.values[0]!)).toEqual(Array.from({ length: 100 }, (_, i) => i));
     l2.compute(1, [call(2, T + 'sum', [null], { deps: [dep('1:1', [l2.id])] })]);
     expect((await l2.waitOutcomes([2]))[0]).toMatchObject({ status: 'ok', value: 4950 });
+  });
+});
+
+describe('cluster worker: peer server', () => {
+  it('serves peers that prove the cluster token, and nobody else', async () => {
+    const s = await scheduler({ token: 'sesame' });
+    const w = await worker(s, { token: 'sesame' });
+    const link = await s.nextLink(0);
+    await link.first('credits');
+    link.compute(1, [call(1, T + 'range', [100])]);
+    await link.waitOutcomes([1]);
+    const serve = (): Promise<never> => Promise.reject(new Error('not asked'));
+    const bad = new PeerClients({ name: 'intruder', address: '', token: 'guess', serve, log: () => undefined });
+    const none = new PeerClients({ name: 'anonymous', address: '', serve, log: () => undefined });
+    const good = new PeerClients({ name: 'friend', address: '', token: 'sesame', serve, log: () => undefined });
+    try {
+      expect(await bad.fetch(w.address, '1:1')).toBeUndefined();
+      expect(await none.fetch(w.address, '1:1')).toBeUndefined();
+      const [a, b, missing] = await Promise.all([good.fetch(w.address, '1:1'), good.fetch(w.address, '1:1'), good.fetch(w.address, '1:2')]);
+      expect(unpackValue(a!)).toHaveLength(100);
+      expect(b).toBe(a); // one key asked once per batch, every waiter served
+      expect(missing).toBeUndefined();
+      expect(good.size).toBe(1);
+    } finally {
+      bad.close();
+      none.close();
+      good.close();
+    }
   });
 });
 
@@ -567,9 +624,10 @@ describe('cluster worker: cancel, steal, release', () => {
   });
 
   it('steals only calls that never started; stolen calls never produce an outcome', async () => {
-    const { link } = await connected();
+    const { w, link } = await connected();
     link.compute(1, [call(1, key('sleep'), [150]), call(2, key('sleep'), [150]), call(3, key('sleep'), [150])]);
-    await sleep(30); // call 1 starts; 2 and 3 wait in the worker's queue (slow task, one thread)
+    // Call 1 starts; 2 and 3 wait in the worker's queue (a task not measured yet counts as slow; one thread).
+    await until(() => w.metrics().executing === 1, 'call 1 running');
     link.send({ op: 'steal', id: 7, run: 1, tasks: [1, 2, 3, 99] });
     const reply = await link.first('stealReply');
     expect(reply).toMatchObject({ id: 7, run: 1, stolen: [2, 3], kept: [1, 99] });
@@ -579,9 +637,9 @@ describe('cluster worker: cancel, steal, release', () => {
   });
 
   it('drops ahead calls whose producer was stolen', async () => {
-    const { link } = await connected();
+    const { w, link } = await connected();
     link.compute(1, [call(1, key('sleep'), [150]), call(2, key('sleep'), [10]), call(3, T + 'sum', [null], { deps: [dep('1:2', [])] })]);
-    await sleep(30);
+    await until(() => w.metrics().executing === 1, 'call 1 running');
     link.send({ op: 'steal', id: 8, run: 1, tasks: [2] });
     expect((await link.first('stealReply')).stolen).toEqual([2]);
     const [o3] = await link.waitOutcomes([3]);
@@ -611,9 +669,9 @@ describe('cluster worker: cancel, steal, release', () => {
   });
 
   it('ends the calls of a released run with cancelled outcomes', async () => {
-    const { link } = await connected();
+    const { w, link } = await connected();
     link.compute(3, [call(1, key('sleep'), [5000]), call(2, key('sleep'), [5000])]);
-    await sleep(30);
+    await until(() => w.metrics().executing === 1, 'call 1 running');
     link.send({ op: 'release', keys: ['3:*'] });
     const outs = await link.waitOutcomes([1, 2]);
     for (const o of outs) expect(o.status).toBe('cancelled');
@@ -667,7 +725,7 @@ describe('cluster worker: logs, memory, retirement', () => {
   it('retires when the scheduler says so: running calls finish, queued ones end lost, then it closes with 1000', async () => {
     const { w, link } = await connected();
     link.compute(1, [call(1, key('sleep'), [100]), call(2, key('sleep'), [100])]);
-    await sleep(30);
+    await until(() => w.metrics().executing === 1, 'call 1 running');
     link.send({ op: 'retire', reason: 'scale down' });
     const [o1, o2] = await link.waitOutcomes([1, 2]);
     expect(o1).toMatchObject({ status: 'ok', value: 100 });
@@ -696,6 +754,59 @@ describe('cluster worker: logs, memory, retirement', () => {
     await leaving;
     await w1.closed;
     await l1.waitClosed();
+  });
+});
+
+describe('cluster worker: TLS', () => {
+  /** A CA and one certificate for 127.0.0.1 good for both ends (a worker is a server to its peers and a client to the rest). */
+  async function pki(): Promise<{ ca: Buffer; cert: Buffer; key: Buffer; other: { cert: Buffer; key: Buffer } }> {
+    const dir = await mkdtemp(join(tmpdir(), 'weft-worker-pki-'));
+    dirs.push(dir);
+    const ssl = (...args: string[]): void => {
+      execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+    };
+    const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+    ssl('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=weft-worker-test-ca');
+    ssl('req', '-x509', ...ec, '-keyout', 'other-ca.key', '-out', 'other-ca.crt', '-days', '2', '-subj', '/CN=weft-other-ca');
+    await writeFile(join(dir, 'leaf.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n');
+    for (const [name, ca] of [['node', 'ca'], ['rogue', 'other-ca']] as const) {
+      ssl('req', ...ec, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${name}`);
+      ssl('x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.crt`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-out', `${name}.crt`, '-days', '2', '-extfile', 'leaf.ext');
+    }
+    const r = (f: string): Promise<Buffer> => readFile(join(dir, f));
+    return { ca: await r('ca.crt'), cert: await r('node.crt'), key: await r('node.key'), other: { cert: await r('rogue.crt'), key: await r('rogue.key') } };
+  }
+
+  it('connects over wss with client certificates and moves data between wss peer servers', async () => {
+    const p = await pki();
+    const tls = { ca: p.ca, cert: p.cert, key: p.key };
+    const s = await scheduler({ tls });
+    const w1 = await worker(s, { tls });
+    const l1 = await s.nextLink(0);
+    const w2 = await worker(s, { tls });
+    const l2 = await s.nextLink(1);
+    expect(w1.address).toMatch(/^wss:\/\/127\.0\.0\.1:\d+$/);
+    await Promise.all([l1.first('credits'), l2.first('credits')]);
+    l1.compute(1, [call(1, T + 'range', [100])]);
+    await l1.waitOutcomes([1]);
+    l2.compute(1, [call(2, T + 'sum', [null], { deps: [dep('1:1', [l1.id])] })], { [l1.id]: w1.address });
+    expect((await l2.waitOutcomes([2]))[0]).toMatchObject({ status: 'ok', value: 4950 });
+    expect(l2.all('getData')).toHaveLength(0);
+    // A peer whose certificate another CA signed gets nothing; one with the right one does.
+    const serve = (): Promise<never> => Promise.reject(new Error('not asked'));
+    const rogue = new PeerClients({ name: 'rogue', address: '', tls: { ca: p.ca, ...p.other }, serve, log: () => undefined });
+    const good = new PeerClients({ name: 'good', address: '', tls, serve, log: () => undefined });
+    try {
+      expect(await rogue.fetch(w1.address, '1:1')).toBeUndefined();
+      expect(unpackValue((await good.fetch(w1.address, '1:1'))!)).toHaveLength(100);
+    } finally {
+      rogue.close();
+      good.close();
+    }
+    // The scheduler double refuses it as well: a worker with it never joins.
+    await worker(s, { tls: { ca: p.ca, ...p.other } });
+    await sleep(100);
+    expect(s.links).toHaveLength(2);
   });
 });
 

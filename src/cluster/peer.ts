@@ -239,7 +239,14 @@ export class PeerClients {
    */
   fetch(address: string, key: string, nbytes = 0): Promise<Uint8Array | undefined> {
     if (this.closed) return Promise.resolve(undefined);
-    const link = this.link(address);
+    let link: PeerLink;
+    try {
+      link = this.link(address);
+    } catch (err) {
+      // A malformed address (from the network): that peer simply cannot deliver.
+      this.o.log(`peer ${JSON.stringify(address.slice(0, 200))}: ${(err as Error).message}`);
+      return Promise.resolve(undefined);
+    }
     return new Promise<Uint8Array | undefined>((resolve) => {
       const waiting = link.queued.get(key);
       if (waiting !== undefined) waiting.push(resolve);

@@ -1139,7 +1139,8 @@ class WorkerCore {
     this.schedulePump();
   }
 
-  private release(key: string): void {
+  private release(key: unknown): void {
+    if (typeof key !== 'string') return;
     if (key.endsWith(':*')) {
       const run = Number(key.slice(0, -2));
       if (Number.isInteger(run)) this.releaseRun(run);
@@ -1255,6 +1256,7 @@ class WorkerCore {
 
   async retire(reason: string): Promise<void> {
     if (this.closing !== null) return this.closing;
+    if (this.leaving) return this.closedPromise;
     const conn = this.conn;
     if (conn === null) return this.close(`retired (${reason}) while not connected`);
     this.leaving = true;
