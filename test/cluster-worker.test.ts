@@ -786,6 +786,7 @@ describe('cluster worker: TLS', () => {
     const w2 = await worker(s, { tls });
     const l2 = await s.nextLink(1);
     expect(w1.address).toMatch(/^wss:\/\/127\.0\.0\.1:\d+$/);
+    expect(w2.address).toMatch(/^wss:/);
     await Promise.all([l1.first('credits'), l2.first('credits')]);
     l1.compute(1, [call(1, T + 'range', [100])]);
     await l1.waitOutcomes([1]);
