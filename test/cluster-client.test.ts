@@ -4,14 +4,20 @@
  * and real `weft worker` child processes, a temporary LocalCluster, adapt, and
  * `weft run --executor cluster` as a child process. Every process is stopped by PID.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ClusterConnectionError, ClusterExecutor, flow, parameter, type TaskStateEvent } from '../src/index.ts';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ClusterConnectionError, ClusterExecutor, LocalCluster, flow, parameter, type RunProgress, type TaskStateEvent } from '../src/index.ts';
+import type { LogRecord } from '../src/cluster/protocol.ts';
+import { fetchStatus } from '../src/cluster/local-cluster.ts';
+import { killAll, runWeft } from './fixtures/cli-spawn.ts';
 import { runResultFrom, progressFromCounts, countsOf } from '../src/cluster/run-result.ts';
 import { ClusterClient } from '../src/cluster/client.ts';
 import { STATE_ORDER, ProtocolError, type RunRecords } from '../src/cluster/protocol.ts';
 import { startScheduler, type SchedulerServer } from '../src/cluster/scheduler.ts';
 import type { TaskStateName } from '../src/flow/spec.ts';
-import { nap, square, total } from './fixtures/cluster-client-tasks.ts';
+import { handlerCalls, nap, shout, square, total, watched } from './fixtures/cluster-client-tasks.ts';
+import { MODULE, key } from './fixtures/exec-tasks.ts';
 
 const S = (name: TaskStateName): number => STATE_ORDER.indexOf(name);
 
@@ -181,5 +187,277 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
     await c.close();
     expect(c.closed).toBe(true);
     await expect(c.runGraph(flow('after-close', () => ({ a: parameter('a', 1) })).spec(), { a: 1 })).rejects.toThrow(ClusterConnectionError);
+  });
+});
+
+// ---- against a scheduler with worker processes -----------------------------------------
+
+const BIN = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+interface Spawned {
+  readonly child: ChildProcess;
+  readonly pid: number;
+  readonly exited: Promise<void>;
+  output: string;
+}
+
+/** `weft worker <address>` as a child process. */
+function spawnWorker(address: string, name: string, threads = 2): Spawned {
+  const child = spawn(process.execPath, [BIN, 'worker', address, '--threads', String(threads), '--name', name], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, NO_COLOR: '1' },
+  });
+  const w: Spawned = { child, pid: child.pid!, exited: new Promise<void>((r) => child.once('exit', () => r())), output: '' };
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (w.output += d));
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (w.output += d));
+  return w;
+}
+
+/** SIGTERM by PID, SIGKILL after 5 s; resolves once it has exited. */
+async function stopProcess(p: Spawned): Promise<void> {
+  if (p.child.exitCode !== null || p.child.signalCode !== null) return;
+  process.kill(p.pid, 'SIGTERM');
+  const t = setTimeout(() => alive(p.pid) && process.kill(p.pid, 'SIGKILL'), 5_000);
+  await p.exited;
+  clearTimeout(t);
+}
+
+async function waitFor(what: string, check: () => Promise<boolean> | boolean, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+describe('ClusterExecutor against a scheduler with two worker processes', () => {
+  let scheduler: SchedulerServer;
+  const workers: Spawned[] = [];
+  beforeAll(async () => {
+    scheduler = await startScheduler({ port: 0, log: () => undefined });
+    // One thread each: a worker captures task console output only when tasks run in its own thread.
+    workers.push(spawnWorker(scheduler.address, 'cc-a', 1), spawnWorker(scheduler.address, 'cc-b', 1));
+    await waitFor('two workers', async () => (await fetchStatus(scheduler.httpUrl)).workers.length === 2, 30_000).catch((err: Error) => {
+      throw new Error(`${err.message}; worker output: ${workers.map((w) => w.output).join(' | ')}`);
+    });
+  });
+  afterAll(async () => {
+    await Promise.all(workers.map(stopProcess));
+    await scheduler?.close();
+  });
+  const executor = (o: { keepResults?: boolean; onLog?: (r: LogRecord) => void } = {}): ClusterExecutor =>
+    new ClusterExecutor({ address: scheduler.address, ...(o.onLog !== undefined ? { onLog: o.onLog } : {}) });
+
+  it('runs a flow of parameters only: records, results, events and progress', async () => {
+    const f = flow('params-only', () => ({ a: parameter('a', 1), b: parameter('b', 'x') }));
+    const events: TaskStateEvent[] = [];
+    const progress: number[] = [];
+    const r = await f.run({
+      executor: executor(),
+      parameters: { a: 5 },
+      onTaskState: (e) => events.push(e),
+      onProgress: (p) => progress.push(p.done),
+    });
+    expect(r.state).toBe('Success');
+    expect(r.parameters).toEqual({ a: 5, b: 'x' });
+    expect(r.result(f.outputs.a)).toBe(5);
+    expect(r.result(f.outputs.b)).toBe('x');
+    expect(r.tasks.map((t) => t.state)).toEqual(['Success', 'Success']);
+    expect(typeof r.runId).toBe('string');
+    const a = events.filter((e) => e.key === 'a');
+    expect(a.at(-1)).toMatchObject({ id: 0, key: 'a', mapIndex: -1, to: 'Success' });
+    expect(a[0]!.from).toBe('Pending');
+    for (let i = 1; i < a.length; i++) expect(a[i]!.from).toBe(a[i - 1]!.to);
+    expect(progress.at(-1)).toBe(2);
+  });
+
+
+  it('maps, reduces and reports: results, records with worker names, ordered events, final progress', async () => {
+    const f = flow('cc-map', () => {
+      const n = parameter('n', 4);
+      const sq = square.map([1, 2, 3, 4]);
+      const t = total(sq);
+      const none = square.map([]);
+      return { n, sq, t, none };
+    });
+    const events: TaskStateEvent[] = [];
+    const progress: RunProgress[] = [];
+    const r = await f.run({ executor: executor(), validate: true, onTaskState: (e) => events.push(e), onProgress: (p) => progress.push(p) });
+    expect(r.state).toBe('Success');
+    expect(r.result(f.outputs.sq)).toEqual([1, 4, 9, 16]);
+    expect(r.result(f.outputs.t)).toBe(30);
+    expect(r.result(f.outputs.none)).toEqual([]);
+    expect(r.result(f.outputs.n)).toBe(4);
+    expect(r.runsOf(f.outputs.sq).map((t) => t.mapIndex)).toEqual([-1, 0, 1, 2, 3]);
+    const t = r.runsOf(f.outputs.t)[0]!;
+    expect(['cc-a', 'cc-b']).toContain(t.worker);
+    expect(t.endMs).toBeGreaterThanOrEqual(t.startMs);
+    expect(t.startMs).toBeGreaterThan(0);
+    // Per task run: from Pending, each event's `from` is the previous event's `to`.
+    const byId = new Map<number, TaskStateEvent[]>();
+    for (const e of events) byId.set(e.id!, [...(byId.get(e.id!) ?? []), e]);
+    expect(byId.size).toBe(r.tasks.length);
+    for (const list of byId.values()) {
+      expect(list[0]!.from).toBe('Pending');
+      for (let i = 1; i < list.length; i++) expect(list[i]!.from).toBe(list[i - 1]!.to);
+    }
+    expect(progress.at(-1)).toMatchObject({ total: r.tasks.length, done: r.tasks.length, running: 0, failed: 0 });
+  });
+
+  it('runs state handlers on the client (without info.result) and onFailure on failures', async () => {
+    handlerCalls.length = 0;
+    const f = flow('cc-handlers', () => ({ ok: watched(1), bad: watched.with({ name: 'watched-bad' })(-1) }));
+    const r = await f.run({ executor: executor() });
+    expect(r.state).toBe('Failed');
+    expect(r.result(f.outputs.ok)).toBe(2);
+    await sleep(10); // handlers run in a microtask after their event
+    const ok = handlerCalls.filter((c) => c.key === 'watched');
+    expect(ok.at(-1)).toMatchObject({ kind: 'state', to: 'Success', hasResult: false });
+    const bad = handlerCalls.filter((c) => c.key === 'watched-bad');
+    expect(bad.filter((c) => c.kind === 'state').at(-1)).toMatchObject({ to: 'Failed' });
+    expect(bad.filter((c) => c.kind === 'failure')).toEqual([expect.objectContaining({ to: 'Failed', hasResult: false })]);
+  });
+
+  it('keepResults: false fetches no result', async () => {
+    const f = flow('cc-no-results', () => ({ t: total([1, 2, 3]) }));
+    const r = await f.run({ executor: executor(), keepResults: false });
+    expect(r.state).toBe('Success');
+    expect(r.result(f.outputs.t)).toBeUndefined();
+  });
+
+  it('an AbortSignal cancels a running task: the run finishes Cancelled long before the task would', async () => {
+    const f = flow('cc-cancel', () => {
+      const n = nap(10_000);
+      return { n, after: square(n) };
+    });
+    const ac = new AbortController();
+    const t0 = Date.now();
+    const r = await f.run({
+      executor: executor(),
+      signal: ac.signal,
+      onTaskState: (e) => {
+        if (e.key === 'nap' && e.to === 'Running') setTimeout(() => ac.abort(), 100);
+      },
+    });
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    expect(r.state).toBe('Cancelled');
+    expect(r.stateOf(f.outputs.n)).toBe('Cancelled');
+    expect(r.stateOf(f.outputs.after)).toBe('Cancelled');
+  });
+
+  it("forwards a task's console output to onLog", async () => {
+    const logs: LogRecord[] = [];
+    const f = flow('cc-logs', () => ({ s: shout('hello from a worker') }));
+    const r = await f.run({ executor: executor({ onLog: (rec) => logs.push(rec) }) });
+    expect(r.state).toBe('Success');
+    await waitFor('the log record', () => logs.some((l) => l.msg.includes('hello from a worker')), 5_000);
+    expect(logs.find((l) => l.msg.includes('hello from a worker'))).toMatchObject({ key: 'shout' });
+  });
+
+  it('a warm executor (keepAlive) runs graphs and a call session on one connection, then close() ends it', async () => {
+    const warm = new ClusterExecutor({ address: scheduler.address, keepAlive: true });
+    const f = flow('cc-warm', () => ({ t: total(square.map([1, 2, 3])) }));
+    const a = await f.run({ executor: warm });
+    const b = await f.run({ executor: warm });
+    expect([a.result(f.outputs.t), b.result(f.outputs.t)]).toEqual([14, 14]);
+    expect(a.runId).not.toBe(b.runId);
+    expect(warm.workers).toBe(2); // 2 workers × 1 thread, from /status
+    // A call session on the same executor.
+    const got: unknown[] = [];
+    let done!: () => void;
+    const all = new Promise<void>((r) => (done = r));
+    await warm.start({
+      flowName: 'calls',
+      modules: [MODULE],
+      taskKeys: [key('add')],
+      parameters: {},
+      onOutcomes: (outs) => {
+        for (const o of outs) got[o.id] = o.value;
+        if (got.filter((v) => v !== undefined).length === 10) done();
+      },
+    });
+    expect(warm.freeSlots()).toBe(64);
+    warm.submit(Array.from({ length: 10 }, (_, i) => ({ id: i, runId: 1, taskKey: key('add'), key: 'add', args: [i, 1], timeoutMs: 0, mapIndex: -1, attempt: 1, loopCount: 0, loopResult: undefined })));
+    await all;
+    expect(got).toEqual(Array.from({ length: 10 }, (_, i) => i + 1));
+    await warm.shutdown();
+    expect(warm.freeSlots()).toBe(0);
+    await warm.close();
+    await warm.close();
+    await expect(f.run({ executor: warm })).rejects.toThrow(/closed/);
+  });
+});
+
+// ---- temporary clusters ---------------------------------------------------------------
+
+describe('temporary local clusters', () => {
+  afterEach(() => killAll());
+
+  it('ClusterExecutor without an address starts a LocalCluster for the run and stops it after', async () => {
+    const ex = new ClusterExecutor({ workers: 2 });
+    const f = flow('cc-temp', () => ({ t: total(square.map([1, 2, 3, 4, 5])) }));
+    let pids: number[] = [];
+    const r = await f.run({
+      executor: ex,
+      onTaskState: () => {
+        const c = ex.localCluster;
+        if (c !== null && pids.length === 0) pids = [c.schedulerPid, ...c.workerPids];
+      },
+    });
+    expect(r.state).toBe('Success');
+    expect(r.result(f.outputs.t)).toBe(55);
+    expect(pids).toHaveLength(3);
+    expect(ex.localCluster).toBeNull();
+    expect(pids.filter(alive)).toEqual([]);
+  });
+
+  it('the nanny restarts a worker that dies; close() stops every process', async () => {
+    const c = await LocalCluster.start({ workers: 2 });
+    try {
+      const [first] = c.workerPids;
+      process.kill(first!, 'SIGKILL');
+      await waitFor('a replacement worker', async () => !c.workerPids.includes(first!) && c.workerPids.length === 2 && (await c.status()).workers.length === 2);
+      expect(c.workerPids).not.toContain(first);
+    } finally {
+      const pids = [c.schedulerPid, ...c.workerPids];
+      await c.close();
+      expect(pids.filter(alive)).toEqual([]);
+    }
+  });
+
+  it('adapt grows from 1 to 2 workers under a queue and shrinks back when idle', async () => {
+    const c = await LocalCluster.start({ adapt: { min: 1, max: 2 }, threads: 1 });
+    try {
+      expect((await c.status()).workers).toHaveLength(1);
+      let most = 0;
+      const watch = setInterval(() => {
+        void c.status().then((s) => (most = Math.max(most, s.workers.length)), () => undefined);
+      }, 100);
+      const f = flow('cc-adapt', () => ({ naps: nap.map(Array.from({ length: 24 }, () => 250)) }));
+      const r = await f.run({ executor: new ClusterExecutor({ address: c.address }) });
+      clearInterval(watch);
+      expect(r.state).toBe('Success');
+      expect(most).toBe(2);
+      await waitFor('the cluster to shrink back to 1 worker', async () => (await c.status()).workers.length === 1, 15_000);
+      expect(c.size).toBe(1);
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('weft run examples/etl.ts --executor cluster --workers 2 exits 0', async () => {
+    const r = await runWeft(['run', 'examples/etl.ts', '--executor', 'cluster', '--workers', '2', '--quiet']);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^flow etl: Success in /m);
   });
 });

@@ -1,5 +1,6 @@
 /**
- * The weft command: `weft run`, `weft bench`, `weft help`, `weft --version`.
+ * The weft command: `weft run`, `weft scheduler`, `weft worker`, `weft bench`, `weft help`,
+ * `weft --version`.
  *
  * `main(argv)` returns the exit code instead of exiting, so `bin/weft.js` lets the event
  * loop drain (worker threads shut down, files flushed) and tests can call it in-process.
@@ -39,16 +40,21 @@ const USAGE = `weft — run DAGs of TypeScript tasks (Prefect 1 flows, Dask-styl
 
 Usage:
   weft run <flow file> [options]   run a flow, show its progress and a summary
+  weft scheduler [options]         run a cluster scheduler (workers and clients connect to it)
+  weft worker <address> [options]  run a cluster worker connected to the scheduler at <address>
   weft bench [options]             run the benchmarks
   weft help [command]              show help for a command
   weft --version                   print the version
 
-Run 'weft help run' for the options of run.`;
+Run 'weft help <command>' for the options of a command.`;
 
 const RUN_FLAGS: readonly FlagSpec[] = [
   { name: 'param', short: 'p', kind: 'list', value: 'NAME=VALUE', help: 'set a flow parameter (repeatable); VALUE is parsed as JSON when it parses, else taken as a string' },
-  { name: 'executor', short: 'e', kind: 'string', choices: ['local', 'pool'], help: 'where tasks run: in this thread (local, default) or on a pool of worker threads' },
-  { name: 'threads', short: 't', kind: 'count', value: 'N', help: 'worker threads for --executor pool (implies it; default: one per core)' },
+  { name: 'executor', short: 'e', kind: 'string', choices: ['local', 'pool', 'cluster'], help: 'where tasks run: in this thread (local, default), on a pool of worker threads, or on a weft cluster' },
+  { name: 'threads', short: 't', kind: 'count', value: 'N', help: 'worker threads for --executor pool (implies it; default: one per core), or task slots per worker of a temporary cluster (default 1)' },
+  { name: 'address', short: 'a', kind: 'string', value: 'ws://HOST:PORT', help: 'the scheduler of a running cluster (implies --executor cluster); without it a temporary local cluster runs the flow' },
+  { name: 'workers', short: 'w', kind: 'count', value: 'N', help: 'worker processes of a temporary local cluster (implies --executor cluster; default 2)' },
+  { name: 'token-file', kind: 'string', value: 'FILE', help: "the cluster's shared token (file mode 600), for --executor cluster" },
   { name: 'json', kind: 'string', value: 'OUT', help: 'write {state, durationMs, tasks} as JSON to the file OUT' },
   { name: 'restart', kind: 'string', value: 'RUN.json', help: 'restart an earlier run from its --json file: tasks that succeeded there load their checkpointed results instead of running' },
   { name: 'flow', short: 'f', kind: 'string', value: 'NAME', help: 'which flow to run when the file exports several (export or flow name)' },
@@ -70,7 +76,9 @@ ${formatFlags(RUN_FLAGS)}
 Examples:
   weft run examples/etl.ts
   weft run examples/etl.ts --param records=5000 --param dryRun=true
-  weft run flows.ts --flow nightly --executor pool --threads 4 --json run.json`;
+  weft run flows.ts --flow nightly --executor pool --threads 4 --json run.json
+  weft run examples/etl.ts --executor cluster --workers 4
+  weft run examples/etl.ts --address ws://10.0.0.5:8786 --token-file ~/.weft/token`;
 
 export async function main(argv: string[], io: CliIO = processIO()): Promise<number> {
   const [command, ...rest] = argv;
@@ -93,6 +101,10 @@ export async function main(argv: string[], io: CliIO = processIO()): Promise<num
         return EXIT_OK;
       case 'run':
         return await runCommand(rest, io);
+      case 'scheduler':
+        return await schedulerCommand(rest);
+      case 'worker':
+        return await workerCommand(rest);
       case 'bench':
         return await benchCommand(rest);
       default:
@@ -121,12 +133,27 @@ async function helpCommand(args: readonly string[], io: CliIO): Promise<number> 
     case 'run':
       io.stdout.write(`${RUN_USAGE}\n`);
       return EXIT_OK;
+    case 'scheduler':
+      return schedulerCommand(['--help']);
+    case 'worker':
+      return workerCommand(['--help']);
     case 'bench':
       return benchCommand(['--help']);
     default:
       io.stderr.write(`weft: no help for unknown command '${topic}'\n\n${USAGE}\n`);
       return EXIT_USAGE;
   }
+}
+
+async function schedulerCommand(args: string[]): Promise<number> {
+  // Loaded on demand, like bench: `weft run` never needs the server.
+  const scheduler = await import('./scheduler.ts');
+  return scheduler.schedulerCommand(args);
+}
+
+async function workerCommand(args: string[]): Promise<number> {
+  const worker = await import('./worker.ts');
+  return worker.workerCommand(args);
 }
 
 async function benchCommand(args: string[]): Promise<number> {
@@ -149,8 +176,24 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
   if (extra.length > 0) throw new UsageError(`expected one flow file, also got '${extra.join(' ')}'`);
 
   const threads = typeof flags.threads === 'number' ? flags.threads : undefined;
-  const executorKind = typeof flags.executor === 'string' ? flags.executor : threads !== undefined ? 'pool' : undefined;
-  if (threads !== undefined && executorKind !== 'pool') throw new UsageError('--threads applies to --executor pool only');
+  const cluster: ClusterFlags = {
+    ...(typeof flags.address === 'string' ? { address: flags.address } : {}),
+    ...(typeof flags.workers === 'number' ? { workers: flags.workers } : {}),
+    ...(typeof flags['token-file'] === 'string' ? { tokenFile: resolve(io.cwd, flags['token-file']) } : {}),
+  };
+  const clusterFlag = ['address', 'workers', 'token-file'].find((f) => flags[f] !== undefined);
+  const executorKind =
+    typeof flags.executor === 'string' ? flags.executor : clusterFlag !== undefined ? 'cluster' : threads !== undefined ? 'pool' : undefined;
+  if (threads !== undefined && executorKind !== 'pool' && executorKind !== 'cluster') {
+    throw new UsageError('--threads applies to --executor pool or cluster only');
+  }
+  if (clusterFlag !== undefined && executorKind !== 'cluster') throw new UsageError(`--${clusterFlag} applies to --executor cluster only`);
+  if (cluster.address !== undefined) {
+    if (!/^wss?:\/\/[^/\s]+/.test(cluster.address)) throw new UsageError(`--address must be ws://HOST:PORT or wss://HOST:PORT, got '${cluster.address}'`);
+    if (cluster.workers !== undefined || threads !== undefined) {
+      throw new UsageError(`--${cluster.workers !== undefined ? 'workers' : 'threads'} sizes a temporary cluster; a cluster at --address has its own workers`);
+    }
+  }
   const given = parseParams(Array.isArray(flags.param) ? flags.param : []);
   const quiet = flags.quiet === true;
   const jsonOut = typeof flags.json === 'string' ? resolve(io.cwd, flags.json) : undefined;
@@ -188,7 +231,7 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
   let executor: Executor | undefined;
   if (executorKind !== undefined) {
     try {
-      executor = await makeExecutor(executorKind, threads);
+      executor = await makeExecutor(executorKind, threads, cluster);
     } catch (err) {
       io.stderr.write(`weft: cannot create the ${executorKind} executor: ${describe(err)}\n`);
       return EXIT_FLOW_FAILED;
@@ -214,7 +257,12 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
   // Installed before the start line: a Ctrl-C from then on cancels rather than kills.
   process.on('SIGINT', onSigint);
   const where = relative(io.cwd, resolve(io.cwd, file)) || file;
-  reporter?.start(`weft: running flow '${flow.name}' from ${where} (executor: ${executorKind ?? 'local'}${threads !== undefined ? `, ${threads} threads` : ''})`);
+  const sizing = [
+    cluster.address !== undefined ? `at ${cluster.address}` : '',
+    cluster.workers !== undefined ? `${cluster.workers} workers` : '',
+    threads !== undefined ? `${threads} threads` : '',
+  ].filter((x) => x !== '');
+  reporter?.start(`weft: running flow '${flow.name}' from ${where} (executor: ${executorKind ?? 'local'}${sizing.map((x) => `, ${x}`).join('')})`);
 
   const opts: RunOptions = { parameters, signal: controller.signal };
   if (restart !== undefined) opts.restartFrom = restart;
@@ -302,10 +350,27 @@ function typeOf(v: unknown): string {
   return typeof v;
 }
 
-async function makeExecutor(kind: string, threads: number | undefined): Promise<Executor> {
+/** `weft run` flags for --executor cluster. */
+interface ClusterFlags {
+  address?: string;
+  workers?: number;
+  /** Absolute path. */
+  tokenFile?: string;
+}
+
+async function makeExecutor(kind: string, threads: number | undefined, cluster: ClusterFlags): Promise<Executor> {
   // Loaded on demand: a plain `weft run` (default executor) does not start the pool code.
-  const { LocalExecutor, PoolExecutor } = await import('../executor/index.ts');
+  const { LocalExecutor, PoolExecutor, ClusterExecutor } = await import('../executor/index.ts');
   if (kind === 'pool') return new PoolExecutor(threads !== undefined ? { threads } : {});
+  if (kind === 'cluster') {
+    const { readTokenFile } = await import('../cluster/auth.ts');
+    return new ClusterExecutor({
+      ...(cluster.address !== undefined ? { address: cluster.address } : {}),
+      ...(cluster.workers !== undefined ? { workers: cluster.workers } : {}),
+      ...(threads !== undefined ? { threads } : {}),
+      ...(cluster.tokenFile !== undefined ? { token: await readTokenFile(cluster.tokenFile) } : {}),
+    });
+  }
   return new LocalExecutor();
 }
 

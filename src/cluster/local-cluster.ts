@@ -107,6 +107,12 @@ export interface LocalClusterOptions {
   readonly startTimeoutMs?: number;
   /** SIGKILL a process this long after SIGTERM in `close()` / `scale()`. Default 5 s. */
   readonly killAfterMs?: number;
+  /**
+   * The processes (and their output pipes) do not keep this process's event loop alive
+   * (for a cluster shared by tests or embedded in a tool). `close()` is then all the more
+   * required: processes not closed outlive this one.
+   */
+  readonly unref?: boolean;
 }
 
 interface Proc {
@@ -248,6 +254,10 @@ export class LocalCluster {
       env: { ...process.env, NO_COLOR: '1', ...this.options.env },
     });
     if (child.pid === undefined) throw new Error(`LocalCluster: could not start ${name} (${process.execPath} ${BIN} ${args.join(' ')})`);
+    if (this.options.unref === true) {
+      child.unref();
+      for (const s of [child.stdout, child.stderr]) (s as { unref?: () => void } | null)?.unref?.();
+    }
     const tail: string[] = [];
     const onLine = (line: string): void => {
       tail.push(line);

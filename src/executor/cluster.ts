@@ -17,6 +17,7 @@
 import { ClusterClient, logToStderr, type CallSession, type ClientTlsOptions } from '../cluster/client.ts';
 import { fetchStatus, httpUrlOf, LocalCluster } from '../cluster/local-cluster.ts';
 import type { LogRecord } from '../cluster/protocol.ts';
+import { loadTasks } from './pool-tasks.ts';
 import type { GraphSpec } from '../flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 import type { Executor, ExecutorSession, TaskCall } from './types.ts';
@@ -91,6 +92,8 @@ export class ClusterExecutor implements Executor {
     if (this.session !== null || this.starting) throw new Error('ClusterExecutor.start() called twice');
     this.starting = true;
     try {
+      // Before connecting: a key that cannot resolve here needs no cluster to be found out.
+      await loadTasks(session.modules, session.taskKeys, 'the client');
       const client = await this.connect();
       const s = await client.openSession(session);
       if (this.closed) {
