@@ -221,28 +221,62 @@ interface RunState {
   readonly byNode: Map<string, WorkCall>;
 }
 
-/** A `Map` with a bounded number of entries, oldest evicted first. */
-class BoundedMap<V> extends Map<string, V> {
-  constructor(private readonly cap: number) {
-    super();
+/**
+ * What ended recently, kept briefly: two generations of maps, the older dropped whole
+ * when the newer fills (half the entry or weight budget). O(1) per operation, unlike
+ * evicting a Map's oldest entry one by one (its iterator steps over every deleted slot).
+ * Values are never undefined.
+ */
+class RecentMap<V> {
+  private cur = new Map<string, V>();
+  private prev = new Map<string, V>();
+  /** Weight added to `cur` since it began (deletions not subtracted: they only bring the rotation forward). */
+  private curWeight = 0;
+
+  constructor(
+    private readonly maxEntries: number,
+    private readonly maxWeight = Infinity,
+  ) {}
+
+  get(key: string): V | undefined {
+    const v = this.cur.get(key);
+    return v !== undefined ? v : this.prev.get(key);
   }
 
-  override set(key: string, value: V): this {
-    if (super.has(key)) super.delete(key);
-    super.set(key, value);
-    if (this.size > this.cap) {
-      const oldest = this.keys().next();
-      if (oldest.done !== true) this.delete(oldest.value);
+  /** Remember `value`; one heavier than half the budget is not kept. */
+  set(key: string, value: V, weight = 0): void {
+    this.prev.delete(key);
+    if (weight * 2 > this.maxWeight) {
+      this.cur.delete(key);
+      return;
     }
-    return this;
+    this.cur.set(key, value);
+    this.curWeight += weight;
+    if (this.cur.size * 2 >= this.maxEntries || this.curWeight * 2 >= this.maxWeight) {
+      this.prev = this.cur;
+      this.cur = new Map();
+      this.curWeight = 0;
+    }
+  }
+
+  delete(key: string): void {
+    this.cur.delete(key);
+    this.prev.delete(key);
   }
 
   deletePrefix(prefix: string): void {
-    for (const k of [...this.keys()]) if (k.startsWith(prefix)) this.delete(k);
+    for (const m of [this.cur, this.prev]) for (const k of [...m.keys()]) if (k.startsWith(prefix)) m.delete(k);
+  }
+
+  clear(): void {
+    this.cur = new Map();
+    this.prev = new Map();
+    this.curWeight = 0;
   }
 }
 
 type Resolve = (bytes: Uint8Array | undefined) => void;
+type Mutable<T> = { -readonly [K in keyof T]: T[K] };
 
 /** `{ value }` boxes: a result may itself be `undefined`. */
 interface Box {
@@ -280,11 +314,11 @@ class WorkerCore {
   /** Producer key → ahead consumers (call and the dep it waits for) on this worker. */
   private readonly waiters = new Map<string, { wc: WorkCall; dep: WireDep }[]>();
   /** Small results sent inline and not held, kept briefly for ahead consumers that arrive after their producer ended. */
-  private readonly recentOk = new BoundedMap<Box>(4096);
+  private readonly recentOk = new RecentMap<Box>(4096, 16 * 1024 * 1024);
   /** Non-ok endings, kept briefly: an ahead consumer arriving after its producer failed is dropped at once. */
-  private readonly recentFailed = new BoundedMap<OutcomeStatus>(4096);
+  private readonly recentFailed = new RecentMap<OutcomeStatus>(4096);
   /** Fetched inputs, kept briefly for the next consumer (never advertised). */
-  private readonly fetched = new BoundedMap<Box>(64);
+  private readonly fetched = new RecentMap<Box>(256, 32 * 1024 * 1024);
   /** Fetches in flight by key (one per key, shared by every waiting consumer). */
   private readonly inflight = new Map<string, Promise<Lookup>>();
   /** Peer addresses by worker id (accumulated from `compute.peers`). */
@@ -788,7 +822,7 @@ class WorkerCore {
       const bytes = await this.fetchBytes(key, dep.holders, dep.nbytes);
       if (bytes === undefined) return { found: false };
       const value = unpackValue(bytes);
-      if (this.gen === gen) this.fetched.set(key, { value });
+      if (this.gen === gen) this.fetched.set(key, { value }, bytes.byteLength);
       return { found: true, value };
     })();
     this.inflight.set(key, p);
@@ -910,7 +944,7 @@ class WorkerCore {
         wc.state = 'executing';
         this.executing++;
         free--;
-        rs.byNode.set(nodeId(wc.call.key, wc.call.mapIndex), wc);
+        if (this.captures) rs.byNode.set(nodeId(wc.call.key, wc.call.mapIndex), wc);
         (batch ??= []).push(this.taskCall(wc.call));
         (handed ??= []).push(wc);
       }
@@ -1001,7 +1035,7 @@ class WorkerCore {
         }
         if (c.ret === true || nbytes <= this.inlineBytes) {
           inline = true;
-          this.recentOk.set(wc.key, { value: v });
+          this.recentOk.set(wc.key, { value: v }, nbytes);
         } else {
           this.store.put(wc.key, bytes, v);
         }
@@ -1010,18 +1044,11 @@ class WorkerCore {
       }
     }
     if (status !== 'ok') this.dropWaiters(wc.key, status);
-    const out: WireOutcome = {
-      id: c.id,
-      runId: c.runId,
-      status,
-      startMs: o.startMs,
-      endMs: o.endMs,
-      nbytes,
-      len,
-      ...(inner !== undefined ? { inner } : {}),
-      ...(inline ? { value: o.value } : {}),
-      ...(error !== undefined ? { error } : {}),
-    };
+    // Optional fields assigned, not spread: this runs once per call.
+    const out: Mutable<WireOutcome> = { id: c.id, runId: c.runId, status, startMs: o.startMs, endMs: o.endMs, nbytes, len };
+    if (inner !== undefined) out.inner = inner;
+    if (inline) out.value = o.value;
+    if (error !== undefined) out.error = error;
     this.emitOutcome(wc.rs.run, out);
   }
 
@@ -1030,8 +1057,10 @@ class WorkerCore {
     if (this.calls.get(wc.key) === wc) this.calls.delete(wc.key);
     if (wc.state === 'executing') {
       this.executing--;
-      const node = nodeId(wc.call.key, wc.call.mapIndex);
-      if (wc.rs.byNode.get(node) === wc) wc.rs.byNode.delete(node);
+      if (this.captures) {
+        const node = nodeId(wc.call.key, wc.call.mapIndex);
+        if (wc.rs.byNode.get(node) === wc) wc.rs.byNode.delete(node);
+      }
     }
   }
 
@@ -1351,20 +1380,22 @@ class WorkerCore {
 
   // ---- task console output ----------------------------------------------------------
 
-  /** A console line written by a running task (inline mode). */
-  captureLog(level: LogRecord['level'], msg: string, wc: WorkCall): void {
-    if (this.conn === null) return;
+  /** A console line written by a running task (inline mode). False when there is no scheduler to send it to. */
+  captureLog(level: LogRecord['level'], msg: string, wc: WorkCall): boolean {
+    if (this.conn === null) return false;
     if (this.logBuf.length >= MAX_LOG_RECORDS) {
       this.logDropped++;
-      return;
+      return true;
     }
     this.logBuf.push({ level, msg, at: Date.now(), worker: this.name, run: wc.rs.run, task: wc.call.id, key: wc.call.key });
-    if (this.logScheduled) return;
-    this.logScheduled = true;
-    setImmediate(() => {
-      this.logScheduled = false;
-      this.flushLogs();
-    });
+    if (!this.logScheduled) {
+      this.logScheduled = true;
+      setImmediate(() => {
+        this.logScheduled = false;
+        this.flushLogs();
+      });
+    }
+    return true;
   }
 
   private flushLogs(): void {
@@ -1509,11 +1540,16 @@ function captureConsole(w: WorkerCore): void {
     const level = LEVELS[m];
     console[m] = function (this: unknown, ...args: unknown[]): void {
       const c = captureStore.getStore();
-      if (c == null || !capturing.has(c.worker)) {
-        orig.apply(console, args);
-        return;
+      if (c != null && capturing.has(c.worker)) {
+        let msg: string | null = null;
+        try {
+          msg = format(...args);
+        } catch {
+          msg = null; // an argument whose inspection throws: print it the usual way
+        }
+        if (msg !== null && c.worker.captureLog(level, msg, c.wc)) return;
       }
-      c.worker.captureLog(level, format(...args), c.wc);
+      orig.apply(console, args);
     };
   }
   originals = saved;
