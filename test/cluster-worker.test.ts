@@ -636,6 +636,31 @@ describe('cluster worker: cancel, steal, release', () => {
     expect(link.outcomes().map((o) => o.id)).toEqual([1]);
   });
 
+  it('hands fast tasks to the executor in whole batches, slow ones one per thread (the rest stay stealable)', async () => {
+    const { w, link } = await connected({ saturation: 100 });
+    link.compute(1, [call(1, key('add'), [0, 0])]);
+    await link.waitOutcomes([1]); // 'add' is now measured: well under 1 ms
+    const fast = Array.from({ length: 50 }, (_, i) => call(100 + i, key('add'), [i, 1]));
+    const slow = Array.from({ length: 5 }, (_, i) => call(200 + i, key('sleep'), [300]));
+    link.compute(1, [...slow, ...fast]);
+    await until(() => w.metrics().executing >= 1, 'work started');
+    link.send({ op: 'steal', id: 3, run: 1, tasks: [...slow, ...fast].map((c) => c.id) });
+    const reply = await link.first('stealReply');
+    // The first slow call runs; the other four wait here (one thread) and are stolen, and
+    // the fast calls behind them stay queued in order (FIFO per run), stealable too.
+    expect(reply.kept).toEqual([200]);
+    expect(reply.stolen).toHaveLength(54);
+    // Fast calls alone go to the executor at once: nothing is left to steal.
+    const more = Array.from({ length: 50 }, (_, i) => call(300 + i, key('add'), [i, 2]));
+    link.compute(1, more);
+    // They queue in the executor behind the running sleep: handed over, no longer stealable.
+    await until(() => w.metrics().executing === 51 && w.metrics().queued === 0, 'fast calls handed over');
+    link.send({ op: 'steal', id: 4, run: 1, tasks: more.map((c) => c.id) });
+    const r2 = await link.first('stealReply', (m) => m.id === 4);
+    expect(r2.stolen.length).toBe(0);
+    await link.waitOutcomes([200, ...more.map((c) => c.id)]);
+  });
+
   it('drops ahead calls whose producer was stolen', async () => {
     const { w, link } = await connected();
     link.compute(1, [call(1, key('sleep'), [150]), call(2, key('sleep'), [10]), call(3, T + 'sum', [null], { deps: [dep('1:2', [])] })]);
