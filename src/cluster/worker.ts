@@ -20,6 +20,11 @@
  * scheduler), except a stolen call, which produces none. A lost scheduler connection
  * drops everything (calls, held results): the scheduler reschedules or recomputes, as
  * it does for a dead worker, and this worker reconnects with a fresh state.
+ *
+ * Limits worth knowing: with one thread, tasks run on the worker's own event loop, so
+ * a long synchronous task also holds up its heartbeats (use threads > 1 for those);
+ * code bundles (`compute.bundle`) are not supported yet; results travel as msgpack, so
+ * a Map arrives as a plain object (as through the scheduler).
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { EventEmitter } from 'node:events';
