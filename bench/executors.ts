@@ -6,9 +6,11 @@
  * inside the timing). The exception is `pool-warm`: one kept-alive pool (per thread
  * count) that every run reuses, as a Dask user keeps a cluster up across computations;
  * its start-up falls in the untimed warm-up run, so its figures are the steady state.
+ * `cluster` and `cluster-warm` are the same two policies for a temporary local cluster
+ * (a scheduler and `workers` worker processes × 1 thread; see `cluster.ts`).
  * `releaseExecutors()` closes such shared executors (the harness calls it after each
  * case). The executors are imported on first use: the harness, the shapes and the
- * baselines load without them. To add one (e.g. 'cluster'), register a factory.
+ * baselines load without them. To add one, register a factory.
  */
 import type { Executor } from '../src/executor/types.ts';
 
@@ -59,9 +61,32 @@ const FACTORIES = new Map<string, ExecutorFactory>([
       return new PoolExecutor({ processes: workers });
     },
   ],
+  [
+    // A fresh temporary cluster per run: a scheduler and `workers` worker processes × 1
+    // thread, started and stopped inside the timing like `pool` (not in `all`).
+    'cluster',
+    async ({ workers }) => {
+      const { BenchClusterExecutor } = await import('./cluster.ts');
+      return new BenchClusterExecutor('cluster', { workers, threads: 1 }, false);
+    },
+  ],
+  [
+    // One kept-alive temporary cluster reused by every run, like `pool-warm` (not in `all`).
+    'cluster-warm',
+    async ({ workers }) => {
+      const id = `cluster-warm/${workers}`;
+      let ex = kept.get(id);
+      if (ex === undefined) {
+        const { BenchClusterExecutor } = await import('./cluster.ts');
+        ex = new BenchClusterExecutor('cluster-warm', { workers, threads: 1 }, true);
+        kept.set(id, ex);
+      }
+      return ex;
+    },
+  ],
 ]);
 
-/** Adds (or replaces) a named executor factory, e.g. `registerExecutor('cluster', ...)`. */
+/** Adds (or replaces) a named executor factory, e.g. `registerExecutor('my-executor', ...)`. */
 export function registerExecutor(name: string, factory: ExecutorFactory): void {
   FACTORIES.set(name, factory);
 }
@@ -69,6 +94,11 @@ export function registerExecutor(name: string, factory: ExecutorFactory): void {
 /** Names accepted by `--executor` (besides `all`), in registration order. */
 export function executorNames(): string[] {
   return [...FACTORIES.keys()];
+}
+
+/** Executor names that are clusters (their shape runs get the ws baselines and the cluster table). */
+export function isClusterExecutor(name: string): boolean {
+  return name === 'cluster' || name === 'cluster-warm';
 }
 
 /** The `--executor all` set. */
@@ -80,7 +110,7 @@ export async function createExecutor(name: string, settings: ExecutorSettings): 
   return factory(settings);
 }
 
-/** Closes the shared executors (`pool-warm`): their workers would keep the process alive. */
+/** Closes the shared executors (`pool-warm`, `cluster-warm`): their workers would keep the process alive. */
 export async function releaseExecutors(): Promise<void> {
   const all = [...kept.values()];
   kept.clear();

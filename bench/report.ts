@@ -10,6 +10,7 @@
  */
 import { cpus } from 'node:os';
 import { REFERENCE_BASELINE, type BaselineResult } from './baselines.ts';
+import type { ClusterShapeExtras, LatencyResult, SchedulerSimResult } from './cluster.ts';
 import type { ReplayResult, ShapeResult } from './harness.ts';
 import { fmt, table } from './stats.ts';
 
@@ -109,6 +110,97 @@ export function replayTable(results: readonly ReplayResult[]): string {
       `${fmt(r.ratio)}x`,
       r.makespan_tasks_s > 0 ? fmt(r.makespan_tasks_s) : '-',
       r.makespan_tasks_s > 0 ? `${fmt(r.ratio_tasks)}x` : '-',
+    ]),
+  );
+}
+
+// ---- cluster (bench/cluster.ts) ------------------------------------------------------
+
+/** Targets as the cluster tables print them (kept here so this module loads without the cluster). */
+export interface ClusterTargets {
+  readonly usPerTask: Readonly<Record<string, number>>;
+  readonly latencyMedianUs: number;
+  readonly assignmentsPerS: number;
+}
+
+function met(ok: boolean | undefined): string {
+  return ok === undefined ? '-' : ok ? 'yes' : 'NO';
+}
+
+/**
+ * Cluster rows of a shape run: µs/task against the ws+msgpackr baseline, bytes relayed
+ * by the scheduler, and the target (judged on cluster-warm's µs/task and on cluster's
+ * net µs/task, its start-up being process start-up).
+ */
+export function clusterTable(results: readonly (ShapeResult & ClusterShapeExtras)[], targets: ClusterTargets): string {
+  return table(
+    ['shape', 'n', 'tasks', 'executor', 'workers', 'µs/task', 'net µs/task', 'ratio vs ws', 'relayed B/run', 'target µs/task', 'met'],
+    results.map((r) => {
+      const target = targets.usPerTask[r.shape];
+      // A fresh cluster is judged on its net µs/task (noise can make it ≤ 0 on small runs: no verdict then).
+      const net = r.net_us_per_task;
+      const judged = r.executor === 'cluster' ? (net !== undefined && net > 0 ? net : undefined) : r.us_per_task;
+      return [
+        r.shape,
+        String(r.n),
+        String(r.tasks),
+        r.executor,
+        String(r.workers),
+        fmt(r.us_per_task),
+        r.net_us_per_task === undefined ? '-' : fmt(r.net_us_per_task),
+        r.ratio_vs_ws === undefined ? '-' : `${fmt(r.ratio_vs_ws)}x`,
+        r.relayed_bytes_per_run === undefined ? '-' : fmt(r.relayed_bytes_per_run),
+        target === undefined ? '-' : fmt(target),
+        met(target === undefined || judged === undefined ? undefined : judged <= target),
+      ];
+    }),
+  );
+}
+
+/** One-task latency per executor, with the round-trip baselines' µs per message. */
+export function latencyTable(rows: readonly LatencyResult[], baselines: readonly BaselineResult[], targets: ClusterTargets): string {
+  const rt = (name: string): number | undefined => baselines.find((b) => b.name === name)?.us_per_task;
+  const ws = rt('ws-msgpackr-roundtrip');
+  const pm = rt('postmessage-roundtrip');
+  return table(
+    ['executor', 'workers', 'runs', 'median µs', 'p90 µs', 'p99 µs', 'min µs', 'ws round trips', 'postMessage round trips', 'target µs', 'met'],
+    rows.map((r) => {
+      const cluster = r.executor.startsWith('cluster');
+      return [
+        r.executor,
+        String(r.workers),
+        String(r.n),
+        fmt(r.median_us),
+        fmt(r.p90_us),
+        fmt(r.p99_us),
+        fmt(r.min_us),
+        ws === undefined ? '-' : fmt(r.median_us / ws),
+        pm === undefined ? '-' : fmt(r.median_us / pm),
+        cluster ? fmt(targets.latencyMedianUs) : '-',
+        cluster ? met(r.median_us <= targets.latencyMedianUs) : '-',
+      ];
+    }),
+  );
+}
+
+/** The scheduler driving simulated workers: assignments/s (scheduler side), end-to-end rate, heap per task. */
+export function schedulerTable(rows: readonly SchedulerSimResult[], baselines: readonly BaselineResult[], targets: ClusterTargets): string {
+  const ws = baselines.find((b) => b.name === 'ws-msgpackr-batched');
+  const wsRate = ws === undefined ? undefined : ws.n / ws.median_s;
+  return table(
+    ['tasks', 'sim workers', 'credits', 'scheduler', 'assignments/s', 'vs ws msgs/s', 'end-to-end s', 'end-to-end tasks/s', 'heap B/task', 'target/s', 'met'],
+    rows.map((r) => [
+      String(r.tasks),
+      String(r.sim_workers),
+      String(r.credits),
+      r.scheduler_process === 'child' ? 'own process' : 'this process',
+      fmt(r.assignments_per_s),
+      wsRate === undefined ? '-' : `${fmt(r.assignments_per_s / wsRate)}x`,
+      fmt(r.median_s),
+      fmt(r.tasks_per_s),
+      fmt(r.heap_per_task_b),
+      fmt(targets.assignmentsPerS),
+      met(r.assignments_per_s >= targets.assignmentsPerS),
     ]),
   );
 }

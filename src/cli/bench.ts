@@ -5,6 +5,8 @@
  *              [--workers N] [--runs R] [--json OUT]
  *   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--executor ...] [--workers N] [--json OUT]
  *   weft bench --micro | --shape core [--n N] [--runs R] [--quick] [--json OUT]
+ *   weft bench --shape latency [--n RUNS] [--executor cluster-warm|...|all] [--json OUT]
+ *   weft bench --shape scheduler [--n TASKS] [--sim-workers N] [--credits N] [--runs R] [--json OUT]
  *
  * Returns the exit code: 0 all benchmarks ran, 1 a run failed (or the runner could not
  * be loaded), 2 a usage problem. Everything heavy lives in `bench/`; this file parses
@@ -14,9 +16,10 @@ import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { runBaselines, type BaselineResult } from '../../bench/baselines.ts';
+import type { LatencyResult, SchedulerSimResult } from '../../bench/cluster.ts';
 import { benchmarkjsSuite, formatRows as benchmarkjsTable, NOTES as benchmarkjsNotes } from '../../bench/core.benchmarkjs.ts';
 import { coreMicro, formatRows as microTable, formatTargets as microTargets } from '../../bench/core.micro.ts';
-import { DEFAULT_EXECUTORS, executorNames } from '../../bench/executors.ts';
+import { createExecutor as defaultCreateExecutor, DEFAULT_EXECUTORS, executorNames, isClusterExecutor, releaseExecutors } from '../../bench/executors.ts';
 import {
   benchReplay,
   benchShape,
@@ -34,10 +37,13 @@ import { defaultWorkflowDir, DEFAULT_SCALING, parseDurationS, parsePriority, wor
 import {
   baselineTable,
   benchJson,
+  clusterTable,
   environment,
+  latencyTable,
   referenceUsPerTask,
   replayJson,
   replayTable,
+  schedulerTable,
   shapeTable,
 } from '../../bench/report.ts';
 import { buildShape, DEFAULT_N, DEFAULT_SUITE, isShapeName, SHAPES, type BuiltShape, type Payload, type ShapeName } from '../../bench/shapes.ts';
@@ -62,10 +68,25 @@ const DEFAULT_WORKERS = 2;
 const DEFAULT_RUNS = 5;
 /** Baselines run at least this many tasks, so their medians are not all timer noise. */
 const MIN_BASELINE_N = 10_000;
+/** `--shape latency`: sequential one-task runs (default) and the executors of `--executor all`. */
+const DEFAULT_LATENCY_RUNS = 500;
+const LATENCY_EXECUTORS: readonly string[] = ['local', 'pool-warm', 'cluster-warm'];
+/** `--shape scheduler`: tasks, simulated workers, credits each. */
+const DEFAULT_SIM_TASKS = 200_000;
+const DEFAULT_SIM_WORKERS = 500;
+const DEFAULT_SIM_CREDITS = 2;
+/** Cluster modes: the special shapes (not graph shapes). */
+const CLUSTER_MODES = ['latency', 'scheduler'] as const;
 
 function flags(): FlagSpec[] {
   return [
-    { name: 'shape', short: 's', kind: 'string', choices: [...SHAPES, 'all', 'core'], help: 'graph shape (default: all); core = --micro' },
+    {
+      name: 'shape',
+      short: 's',
+      kind: 'string',
+      choices: [...SHAPES, 'all', 'core', ...CLUSTER_MODES],
+      help: 'graph shape (default: all); core = --micro; latency = one-task runs; scheduler = the cluster scheduler with simulated workers',
+    },
     { name: 'micro', kind: 'boolean', help: 'scheduler core micro-benchmarks only (no executor, no baselines)' },
     { name: 'quick', kind: 'boolean', help: '--micro: a short benchmark.js suite (a smoke run)' },
     { name: 'n', short: 'n', kind: 'string', value: 'N', help: 'size: tasks, chain length or leaves; 10k and 1M work (default per shape)' },
@@ -80,6 +101,8 @@ function flags(): FlagSpec[] {
     { name: 'total-work', kind: 'string', value: 'DURATION', help: 'replay: scale runtimes so the total work is this long (default 2s)' },
     { name: 'scale', kind: 'string', value: 'X', help: 'replay: multiply recorded runtimes by X instead' },
     { name: 'priority', kind: 'string', choices: ['critical-path', 'none'], help: 'replay: ready-task priorities from the trace\'s critical-path ranks (default) or none' },
+    { name: 'sim-workers', kind: 'count', value: 'N', help: `--shape scheduler: simulated workers (default ${DEFAULT_SIM_WORKERS})` },
+    { name: 'credits', kind: 'count', value: 'N', help: `--shape scheduler: credits per simulated worker (default ${DEFAULT_SIM_CREDITS})` },
     { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
   ];
 }
@@ -89,6 +112,8 @@ function usage(): string {
   weft bench [--shape S|all] [--n N] [--executor E|all] [--workers N] [--runs R] [--json OUT]
   weft bench --graph FILE|NAME|all [--total-work 2s | --scale X] [--priority critical-path|none] [--executor E|all] [--workers N] [--json OUT]
   weft bench --micro [--n N] [--runs R] [--quick] [--json OUT]
+  weft bench --shape latency [--n RUNS] [--executor E|all] [--workers N] [--json OUT]
+  weft bench --shape scheduler [--n TASKS] [--sim-workers N] [--credits N] [--runs R] [--json OUT]
 
 Shapes (each node explicit, no mapping):
   independent  n no-op tasks                    chain      n no-op tasks, each on the previous
@@ -112,6 +137,19 @@ makes it a short smoke run; JSON rows go under "benchmarkjs".
 Replay runs each trace task as a busy spin of its recorded runtime x scale and compares
 the makespan with max(critical path, total work / workers), both scaled.
 
+Cluster (--executor cluster: a fresh local cluster of --workers worker processes x 1
+thread per run, start-up timed; cluster-warm: one kept-alive cluster): shape runs add
+the raw ws+msgpackr baselines (echo child processes on loopback, batched and one in
+flight), a ratio to the batched one and the bytes the scheduler relayed.
+--shape latency: --n sequential runs (default ${DEFAULT_LATENCY_RUNS}) of a one-task graph, result
+back at the client, on --executor (default cluster-warm; all = ${LATENCY_EXECUTORS.join(', ')}):
+median, p90, p99 in µs next to the ws and postMessage round trips. --runs does not apply.
+--shape scheduler: a scheduler in its own process, --sim-workers simulated workers
+(real connections answering every call at once) and an independent graph of --n tasks
+(default 200k) through ClusterExecutor({ address }): assignments/s counted in the
+scheduler's process, end-to-end time, scheduler heap per task; JSON rows go under
+"latency" / "scheduler".
+
 Options:
 ${formatFlags(flags())}
 
@@ -119,7 +157,10 @@ Examples:
   weft bench
   weft bench --shape tree --n 65536 --executor pool --workers 2 --json bench/results/tree.json
   weft bench --graph all --total-work 2s --executor pool
-  weft bench --micro --runs 7 --json bench/results/core.json`;
+  weft bench --micro --runs 7 --json bench/results/core.json
+  weft bench --shape independent --n 100k --executor cluster-warm --workers 2
+  weft bench --shape latency --executor cluster-warm --n 500
+  weft bench --shape scheduler --n 200k --sim-workers 500 --runs 3`;
 }
 
 function stringFlag(f: Readonly<Record<string, unknown>>, name: string): string | undefined {
@@ -230,6 +271,11 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
     return microMode(f, io);
   }
   if (f.quick === true) throw new UsageError('--quick applies to --micro only');
+  if (shapeRaw === 'latency') return latencyMode(f, io);
+  if (shapeRaw === 'scheduler') return schedulerMode(f, io);
+  for (const simOnly of ['sim-workers', 'credits']) {
+    if (f[simOnly] !== undefined) throw new UsageError(`--${simOnly} applies to --shape scheduler only`);
+  }
   const shapeFlag = shapeRaw ?? 'all';
   const nRaw = stringFlag(f, 'n');
   const n = nRaw === undefined ? undefined : asUsage('n', () => parseCount(nRaw));
@@ -255,6 +301,12 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
     bnRaw === undefined ? Math.max(MIN_BASELINE_N, ...built.map((b) => b.tasks)) : asUsage('baseline-n', () => parseCount(bnRaw));
   io.stderr.write(`measuring baselines (n=${baselineN}, ${workers} threads, 1 warm-up + ${runs} runs)\n`);
   const baselines: BaselineResult[] = await runBaselines({ n: baselineN, workers, runs });
+  const cluster = executors.some(isClusterExecutor);
+  if (cluster) {
+    const { runWsBaselines } = await import('../../bench/cluster.ts');
+    io.stderr.write(`measuring ws+msgpackr baselines (n=${baselineN}, ${workers} echo processes, 1 warm-up + ${runs} runs)\n`);
+    baselines.push(...(await runWsBaselines({ n: baselineN, workers, runs })));
+  }
   io.stdout.write(`\nBaselines\n${baselineTable(baselines)}\n`);
 
   const results: ShapeResult[] = [];
@@ -264,6 +316,11 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
     withRatios(results, referenceUsPerTask(baselines));
     withStartup(results, startup);
     if (results.length > 0) io.stdout.write(`\nweft (median of ${runs} runs)\n${shapeTable(results, baselines)}\n`);
+    const clusterRows = results.filter((r) => isClusterExecutor(r.executor));
+    if (clusterRows.length > 0) {
+      const { CLUSTER_TARGETS } = await import('../../bench/cluster.ts');
+      io.stdout.write(`\nCluster (ratio vs ws = µs/task ÷ ws-msgpackr-batched µs/message; relayed = result bytes through the scheduler)\n${clusterTable(clusterRows, CLUSTER_TARGETS)}\n`);
+    }
     const out = stringFlag(f, 'json');
     if (out !== undefined) {
       const path = await writeJson(io, out, benchJson(results, baselines, { environment: environment(), runs }));
@@ -294,6 +351,13 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
   for (const b of built) {
     for (const e of executors) {
       try {
+        if (isClusterExecutor(e)) {
+          const c = await import('../../bench/cluster.ts');
+          c.takeClusterRuns();
+          const r = await benchShape(b, e, { workers }, runs, deps);
+          results.push(c.withClusterRuns(r, c.takeClusterRuns(), c.wsReferenceUs(baselines)));
+          continue;
+        }
         results.push(await benchShape(b, e, { workers }, runs, deps));
       } catch (err) {
         failed = true;
@@ -302,6 +366,82 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
     }
   }
   return finish();
+}
+
+/** Flags of the graph shapes and replays that the cluster modes do not take. */
+function rejectFlags(f: Readonly<Record<string, unknown>>, names: readonly string[], mode: string): void {
+  for (const n of names) if (f[n] !== undefined) throw new UsageError(`--${n} does not apply to --shape ${mode}`);
+}
+
+async function writeModeJson(io: BenchIO, f: Readonly<Record<string, unknown>>, baselines: BaselineResult[], runs: number, extra: Record<string, unknown>): Promise<void> {
+  const out = stringFlag(f, 'json');
+  if (out === undefined) return;
+  const path = await writeJson(io, out, { ...benchJson([], baselines, { environment: environment(), runs }), ...extra });
+  io.stderr.write(`wrote ${path}\n`);
+}
+
+/**
+ * `--shape latency`: n sequential one-task runs per executor (bench/cluster.ts
+ * `benchLatency`), after the round-trip baselines (ws+msgpackr and postMessage).
+ */
+async function latencyMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
+  rejectFlags(f, ['payload', 'baseline-n', 'baselines-only', 'sim-workers', 'credits'], 'latency');
+  const nRaw = stringFlag(f, 'n');
+  const n = nRaw === undefined ? DEFAULT_LATENCY_RUNS : asUsage('n', () => parseCount(nRaw));
+  const workers = numberFlag(f, 'workers') ?? DEFAULT_WORKERS;
+  const e = stringFlag(f, 'executor');
+  const executors = e === undefined ? ['cluster-warm'] : e === 'all' ? [...LATENCY_EXECUTORS] : [e];
+  const c = await import('../../bench/cluster.ts');
+  const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
+  io.stderr.write(`measuring round-trip baselines (1 warm-up + ${runs} runs)\n`);
+  const baselines = [...(await runBaselines({ n: MIN_BASELINE_N, runs, only: ['postmessage-roundtrip'] })), ...(await c.runWsBaselines({ n: MIN_BASELINE_N, runs, only: ['ws-msgpackr-roundtrip'] }))];
+  io.stdout.write(`\nBaselines\n${baselineTable(baselines)}\n`);
+  const runFlow = io.runFlow ?? (await loadRunFlow());
+  const createExecutor = io.createExecutor ?? defaultCreateExecutor;
+  const rows: LatencyResult[] = [];
+  let failed = false;
+  for (const name of executors) {
+    io.stderr.write(`running latency on ${name} (${n} one-task runs after a warm-up)\n`);
+    try {
+      rows.push(await c.benchLatency(name, { workers }, n, { runFlow, createExecutor }));
+    } catch (err) {
+      failed = true;
+      io.stderr.write(`weft bench: latency on ${name} failed: ${errorText(err)}\n`);
+    } finally {
+      if (io.createExecutor === undefined) await releaseExecutors();
+    }
+  }
+  if (rows.length > 0) io.stdout.write(`\nOne-task latency (submit → result at the client; round trips = median ÷ one baseline round trip)\n${latencyTable(rows, baselines, c.CLUSTER_TARGETS)}\n`);
+  await writeModeJson(io, f, baselines, runs, { latency: rows });
+  return failed ? EXIT_FAILED : EXIT_OK;
+}
+
+/** `--shape scheduler`: the scheduler with simulated workers (bench/cluster.ts `benchSchedulerSim`). */
+async function schedulerMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
+  rejectFlags(f, ['payload', 'executor', 'baselines-only'], 'scheduler');
+  const nRaw = stringFlag(f, 'n');
+  const tasks = nRaw === undefined ? DEFAULT_SIM_TASKS : asUsage('n', () => parseCount(nRaw));
+  const simWorkers = numberFlag(f, 'sim-workers') ?? DEFAULT_SIM_WORKERS;
+  const credits = numberFlag(f, 'credits') ?? DEFAULT_SIM_CREDITS;
+  const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
+  const bnRaw = stringFlag(f, 'baseline-n');
+  const baselineN = bnRaw === undefined ? Math.max(MIN_BASELINE_N, Math.min(tasks, 1_000_000)) : asUsage('baseline-n', () => parseCount(bnRaw));
+  const c = await import('../../bench/cluster.ts');
+  io.stderr.write(`measuring the ws+msgpackr baseline (n=${baselineN}, 2 echo processes, 1 warm-up + ${runs} runs)\n`);
+  const baselines = await c.runWsBaselines({ n: baselineN, runs, only: [c.WS_REFERENCE] });
+  io.stdout.write(`\nBaselines\n${baselineTable(baselines)}\n`);
+  const runFlow = io.runFlow ?? (await loadRunFlow());
+  let rows: SchedulerSimResult[] = [];
+  let failed = false;
+  try {
+    rows = [await c.benchSchedulerSim(runFlow, { tasks, workers: simWorkers, credits, runs, log: (line) => io.stderr.write(`${line}\n`) })];
+    io.stdout.write(`\nScheduler with simulated workers (median of ${runs} runs; assignments/s counted in the scheduler's process)\n${schedulerTable(rows, baselines, c.CLUSTER_TARGETS)}\n`);
+  } catch (err) {
+    failed = true;
+    io.stderr.write(`weft bench: scheduler bench failed: ${errorText(err)}\n`);
+  }
+  await writeModeJson(io, f, baselines, runs, { scheduler: rows });
+  return failed ? EXIT_FAILED : EXIT_OK;
 }
 
 function replayFiles(graph: string, cwd: string): string[] {
