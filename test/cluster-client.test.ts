@@ -12,7 +12,8 @@ import type { LogRecord } from '../src/cluster/protocol.ts';
 import { fetchStatus } from '../src/cluster/local-cluster.ts';
 import { killAll, runWeft } from './fixtures/cli-spawn.ts';
 import { runResultFrom, progressFromCounts, countsOf } from '../src/cluster/run-result.ts';
-import { ClusterClient } from '../src/cluster/client.ts';
+import { ClusterClient, unsendable } from '../src/cluster/client.ts';
+import { TaskSerializationError } from '../src/errors.ts';
 import { STATE_ORDER, ProtocolError, type RunRecords } from '../src/cluster/protocol.ts';
 import { startScheduler, type SchedulerServer } from '../src/cluster/scheduler.ts';
 import type { TaskStateName } from '../src/flow/spec.ts';
@@ -116,6 +117,21 @@ describe('runResultFrom (RunRecords → FlowRunResult)', () => {
   });
 });
 
+describe('unsendable (what msgpack cannot carry)', () => {
+  it('names functions, symbols, wide bigints and cycles with their path; passes what travels', () => {
+    const cyclic: Record<string, unknown> = { a: 1 };
+    cyclic.self = cyclic;
+    expect(unsendable([1, { f: () => 2 }], 'args')).toBe('a function (f) at args[1].f');
+    expect(unsendable({ s: Symbol('x') })).toBe('a symbol at value.s');
+    expect(unsendable([2n ** 70n])).toBe('a bigint wider than 64 bits at value[0]');
+    expect(unsendable(cyclic)).toBe('a cycle at value.self');
+    expect(unsendable(new Map([[1, () => 0]]))).toBe('a function (anonymous) at value.get(1)');
+    expect(unsendable([1, 'two', null, undefined, 2n ** 62n, new Date(0), /x/g, new Uint8Array(4), new ArrayBuffer(2), new Set([1]), { a: [{}] }])).toBeNull();
+    const shared = { x: 1 };
+    expect(unsendable([shared, shared])).toBeNull(); // the same object twice is not a cycle
+  });
+});
+
 // ---- against a scheduler with no workers -------------------------------------------------
 
 describe('ClusterExecutor against a scheduler (no workers)', () => {
@@ -133,6 +149,20 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
     await expect(f.run({ executor: new ClusterExecutor({ address: scheduler.address }) })).rejects.toThrow(
       /custom trigger "sometimes" is a function and cannot be sent to a cluster scheduler/,
     );
+  });
+
+  it('rejects before sending anything a constant argument or parameter that cannot travel', async () => {
+    const f = flow('fn-arg', () => ({ t: total([1, 2]), u: square.with({ name: 'sq' })(3), p: parameter('p', 0) }));
+    const spec = f.spec();
+    const bad = { ...spec, nodes: spec.nodes.map((n) => (n.key === 'sq' ? { ...n, args: [{ kind: 'const' as const, value: { f: Math.max }, mode: 'plain' as const }] } : n)) };
+    const c = await ClusterClient.connect({ address: scheduler.address });
+    try {
+      await expect(c.runGraph(bad, { p: 0 })).rejects.toThrow(TaskSerializationError);
+      await expect(c.runGraph(bad, { p: 0 })).rejects.toThrow('task "sq": its arguments cannot be sent to a cluster scheduler: a function (max) at argument 0.f');
+      await expect(c.runGraph(spec, { p: Symbol('s') })).rejects.toThrow('flow "fn-arg": parameter "p" cannot be sent to a cluster scheduler: it holds a symbol at p');
+    } finally {
+      await c.close();
+    }
   });
 
   it('an unreachable scheduler is a ClusterConnectionError naming the address', async () => {

@@ -7,8 +7,9 @@
  * value can fail to cross, ...) are registered only for the executors that have it, from
  * the capability table below: nothing is reported as skipped.
  */
-import { afterEach, describe, expect, it } from 'vitest';
-import { LocalExecutor, PoolExecutor, type Executor, type Outcome, type TaskCall } from '../src/executor/index.ts';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ClusterExecutor, LocalExecutor, PoolExecutor, type Executor, type Outcome, type TaskCall } from '../src/executor/index.ts';
+import { LocalCluster } from '../src/cluster/local-cluster.ts';
 import { SkipSignal, TaskResolutionError, deserializeError, type SerializedError } from '../src/errors.ts';
 import { MODULE, key } from './fixtures/exec-tasks.ts';
 
@@ -29,7 +30,20 @@ interface Factory {
   caps: readonly Capability[];
   make: () => Executor;
   makeWarm?: () => Executor;
+  /** Once per executor (beforeAll/afterAll): e.g. the cluster its executors connect to. */
+  setup?: () => Promise<void>;
+  teardown?: () => Promise<void>;
 }
+
+/**
+ * One cluster for the whole file: a scheduler and two worker processes of two threads
+ * each. Unref'd, so the handle checks below see only what an executor leaves behind.
+ */
+let cluster: LocalCluster | null = null;
+const clusterAddress = (): string => {
+  if (cluster === null) throw new Error('the test cluster is not running');
+  return cluster.address;
+};
 
 const factories: Factory[] = [
   { name: 'LocalExecutor', mode: 'local', caps: ['sharedMemory'], make: () => new LocalExecutor() },
@@ -46,6 +60,24 @@ const factories: Factory[] = [
     caps: ['wire', 'crash', 'warm'],
     make: () => new PoolExecutor({ processes: 2 }),
     makeWarm: () => new PoolExecutor({ processes: 2, keepAlive: true }),
+  },
+  {
+    name: 'ClusterExecutor 2 workers × 2 threads',
+    // Worker processes whose tasks run on thread pools: a synchronous task can be
+    // stopped (its thread is replaced), as on a pool.
+    mode: 'processes',
+    // crash: a task that kills its thread is reported lost by its worker (a worker
+    // process that dies is restarted by the cluster's nanny).
+    caps: ['wire', 'crash', 'warm'],
+    make: () => new ClusterExecutor({ address: clusterAddress() }),
+    makeWarm: () => new ClusterExecutor({ address: clusterAddress(), keepAlive: true }),
+    setup: async () => {
+      cluster = await LocalCluster.start({ workers: 2, threads: 2, unref: true });
+    },
+    teardown: async () => {
+      await cluster?.close();
+      cluster = null;
+    },
   },
 ];
 
@@ -167,7 +199,9 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 const handleKinds = (): string[] => process.getActiveResourcesInfo().filter((r) => r !== 'Timeout' && r !== 'Immediate');
 
-describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, makeWarm }) => {
+describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, makeWarm, setup, teardown }) => {
+  if (setup !== undefined) beforeAll(setup);
+  if (teardown !== undefined) afterAll(teardown);
   let ex: Executor | null = null;
   const open = async (...args: Parameters<Driver['start']>): Promise<Driver> => {
     ex = make();

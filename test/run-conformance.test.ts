@@ -12,8 +12,10 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
+  ClusterExecutor,
+  LocalCluster,
   LocalExecutor,
   PoolExecutor,
   flatten,
@@ -91,7 +93,17 @@ interface ExecutorCase {
   name: string;
   make: () => Executor;
   caps: Capabilities;
+  /** Once per executor (beforeAll/afterAll): e.g. the cluster its executors connect to. */
+  setup?: () => Promise<void>;
+  teardown?: () => Promise<void>;
 }
+
+/** One cluster for the whole file: a scheduler and two worker processes of two threads each. */
+let cluster: LocalCluster | null = null;
+const clusterAddress = (): string => {
+  if (cluster === null) throw new Error('the test cluster is not running');
+  return cluster.address;
+};
 
 const EXECUTORS: ExecutorCase[] = [
   {
@@ -108,6 +120,18 @@ const EXECUTORS: ExecutorCase[] = [
     name: 'PoolExecutor processes 2',
     make: () => new PoolExecutor({ processes: 2 }),
     caps: { stopsSyncTasks: true, survivesWorkerExit: true, sendsResults: true, parallel: true, sharedMemory: false },
+  },
+  {
+    name: 'ClusterExecutor 2 workers × 2 threads',
+    make: () => new ClusterExecutor({ address: clusterAddress() }),
+    caps: { stopsSyncTasks: true, survivesWorkerExit: true, sendsResults: true, parallel: true, sharedMemory: false },
+    setup: async () => {
+      cluster = await LocalCluster.start({ workers: 2, threads: 2, unref: true });
+    },
+    teardown: async () => {
+      await cluster?.close();
+      cluster = null;
+    },
   },
 ];
 
@@ -144,7 +168,9 @@ function noOverlap(records: readonly TaskRunRecord[], slackMs = 2): boolean {
   return true;
 }
 
-describe.each(EXECUTORS)('flow runs on $name', ({ make, caps }) => {
+describe.each(EXECUTORS)('flow runs on $name', ({ make, caps, setup, teardown }) => {
+  if (setup !== undefined) beforeAll(setup);
+  if (teardown !== undefined) afterAll(teardown);
   const run = <O>(f: Flow<O>, opts: RunOptions = {}): Promise<FlowRunResult> =>
     f.run({ executor: make(), validate: true, ...opts });
 

@@ -23,7 +23,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
-import { registerErrorClass, WeftError, type SerializedError } from '../errors.ts';
+import { registerErrorClass, TaskSerializationError, WeftError, type SerializedError } from '../errors.ts';
 import { loadTasks } from '../executor/pool-tasks.ts';
 import type { ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { GraphSpec, NodeSpec, StateHandlerFn, TaskStateName } from '../flow/spec.ts';
@@ -35,7 +35,7 @@ import {
   errorFromWire,
   estimateBytes,
   ProtocolError,
-  toWireNode,
+  GraphEncoder,
   wireError,
   type CallOutcomesMsg,
   type ClientToScheduler,
@@ -44,7 +44,7 @@ import {
   type LogRecord,
   type RunStateMsg,
   type TaskEvent,
-  type WireNode,
+  type GraphNodesMsg,
   type WireRunOptions,
 } from './protocol.ts';
 import { countsOf, progressFromCounts, runResultFrom } from './run-result.ts';
@@ -248,16 +248,18 @@ export class ClusterClient {
         new WeftError('UNSUPPORTED', `flow "${spec.name}": restarting from an earlier run (restartFrom) is not supported on a cluster yet`),
       );
     }
-    let wire: WireNode[];
+    const graph = this.nextGraph++;
+    let chunks: GraphNodesMsg[];
     try {
-      wire = spec.nodes.map(toWireNode);
+      // Throws for what cannot travel, before anything is sent.
+      chunks = encodeGraph(graph, spec);
+      checkGraphValues(spec, parameters);
     } catch (err) {
       return Promise.reject(err as Error);
     }
-    const graph = this.nextGraph++;
     const run = new GraphRun(this, graph, spec, opts);
     this.graphs.set(graph, run);
-    this.postAll(graphMessages(graph, spec, wire, parameters, run.wireOptions));
+    this.postAll(graphMessages(graph, spec, chunks, parameters, run.wireOptions));
     run.armSignal();
     return run.promise;
   }
@@ -436,13 +438,103 @@ export class ClusterClient {
   }
 }
 
+// ---- what cannot travel ----------------------------------------------------------------
+
+/**
+ * Why a value cannot cross the wire (msgpack drops functions silently, throws on symbols
+ * and on bigints past 64 bits, and loops on cycles), with where in it, or null when it
+ * can. A frame that fails to encode would close the whole connection, so this is
+ * checked before anything is queued. Walks everything except binary data.
+ */
+export function unsendable(v: unknown, path = 'value', ancestors: object[] = []): string | null {
+  switch (typeof v) {
+    case 'function':
+      return `a function (${(v as { name?: string }).name || 'anonymous'}) at ${path}`;
+    case 'symbol':
+      return `a symbol at ${path}`;
+    case 'bigint':
+      return v > 0xffff_ffff_ffff_ffffn || v < -0x8000_0000_0000_0000n ? `a bigint wider than 64 bits at ${path}` : null;
+    case 'object': {
+      if (v === null || ArrayBuffer.isView(v) || v instanceof ArrayBuffer || v instanceof Date || v instanceof RegExp) return null;
+      if (ancestors.includes(v)) return `a cycle at ${path}`;
+      if (ancestors.length > 200) return `nesting deeper than 200 levels at ${path}`;
+      ancestors.push(v);
+      try {
+        if (Array.isArray(v)) {
+          for (let i = 0; i < v.length; i++) {
+            const why = unsendable(v[i], `${path}[${i}]`, ancestors);
+            if (why !== null) return why;
+          }
+        } else if (v instanceof Map) {
+          for (const [k, x] of v) {
+            const why = unsendable(k, `${path} (a map key)`, ancestors) ?? unsendable(x, `${path}.get(${String(k)})`, ancestors);
+            if (why !== null) return why;
+          }
+        } else if (v instanceof Set) {
+          for (const x of v) {
+            const why = unsendable(x, `${path} (a set element)`, ancestors);
+            if (why !== null) return why;
+          }
+        } else {
+          for (const k in v) {
+            const why = unsendable((v as Record<string, unknown>)[k], `${path}.${k}`, ancestors);
+            if (why !== null) return why;
+          }
+        }
+      } finally {
+        ancestors.pop();
+      }
+      return null;
+    }
+    default:
+      return null;
+  }
+}
+
+/** Constant arguments and parameter values must travel to the scheduler: TaskSerializationError naming the first that cannot. */
+function checkGraphValues(spec: GraphSpec, parameters: Record<string, unknown>): void {
+  for (const name of Object.keys(parameters)) {
+    const why = unsendable(parameters[name], name);
+    if (why !== null) throw new TaskSerializationError(`flow "${spec.name}": parameter "${name}" cannot be sent to a cluster scheduler: it holds ${why}`);
+  }
+  for (const n of spec.nodes) {
+    for (let a = 0; a < n.args.length; a++) {
+      const b = n.args[a]!;
+      if (b.kind !== 'const') continue;
+      const why = unsendable(b.value, `argument ${a}`);
+      if (why !== null) throw new TaskSerializationError(`task "${n.key}": its arguments cannot be sent to a cluster scheduler: ${why}`);
+    }
+  }
+}
+
 // ---- graph runs ----------------------------------------------------------------------
+
+/** The graph's nodes as compact chunks (each options object and task key sent once). */
+function encodeGraph(graph: number, spec: GraphSpec): GraphNodesMsg[] {
+  const enc = new GraphEncoder();
+  const nodes = spec.nodes;
+  const out: GraphNodesMsg[] = [];
+  let offset = 0;
+  while (offset < nodes.length) {
+    let end = offset;
+    let bytes = 0;
+    while (end < nodes.length && end - offset < CHUNK_NODES && (end === offset || bytes < CHUNK_BYTES)) {
+      const n = nodes[end]!;
+      // Nodes are small unless they bind constants (a list to map over, a big value).
+      bytes += 64 + n.key.length + (n.args.some((a) => a.kind === 'const') ? estimateBytes(n.args) : 0);
+      end++;
+    }
+    out.push(enc.chunk(graph, nodes, offset, end));
+    offset = end;
+  }
+  return out;
+}
 
 /** A graph's messages, produced as the socket takes them: begin, node chunks, end. */
 function* graphMessages(
   graph: number,
   spec: GraphSpec,
-  wire: readonly WireNode[],
+  chunks: readonly GraphNodesMsg[],
   parameters: Record<string, unknown>,
   options: WireRunOptions,
 ): Generator<ClientToScheduler> {
@@ -450,26 +542,14 @@ function* graphMessages(
     op: 'graphBegin',
     graph,
     name: spec.name,
-    nodeCount: wire.length,
+    nodeCount: spec.nodes.length,
     referenceTasks: spec.referenceTasks,
     modules: spec.modules,
     parameters,
     bundle: '',
     options,
   };
-  let offset = 0;
-  while (offset < wire.length) {
-    let end = offset;
-    let bytes = 0;
-    while (end < wire.length && end - offset < CHUNK_NODES && (end === offset || bytes < CHUNK_BYTES)) {
-      const n = wire[end]!;
-      // Nodes are small unless they bind constants (a list to map over, a big value).
-      bytes += 256 + (n.args.some((a) => a.kind === 'const') ? estimateBytes(n.args) : 0);
-      end++;
-    }
-    yield { op: 'graphNodes', graph, offset, nodes: wire.slice(offset, end) };
-    offset = end;
-  }
+  yield* chunks;
   yield { op: 'graphEnd', graph };
 }
 
@@ -617,7 +697,7 @@ class GraphRun {
       const why = err instanceof Error ? err.message : String(err);
       this.reject(
         err instanceof ClusterConnectionError
-          ? err
+          ? new ClusterConnectionError('SCHEDULER_LOST', `flow "${this.spec.name}" finished ${records.state}, then ${err.message}`, err.address, { cause: err })
           : new WeftError('RESULTS_UNAVAILABLE', `flow "${this.spec.name}" finished ${records.state} on the cluster, but its results could not be fetched: ${why}`, {
               cause: err,
             }),
@@ -691,6 +771,8 @@ export class CallSession {
   private rejectReady!: (e: Error) => void;
   private open = true;
   private failure: ClusterConnectionError | null = null;
+  private local: Outcome[] = [];
+  private localImmediate: NodeJS.Immediate | null = null;
 
   constructor(
     private readonly client: ClusterClient,
@@ -716,8 +798,23 @@ export class CallSession {
   submit(calls: readonly TaskCall[]): void {
     if (this.failure !== null) throw this.failure;
     if (!this.open) throw new Error('cluster call session: submit() after close()');
-    for (const c of calls) this.inFlight.set(c.id, c.runId);
-    this.client.post({ op: 'submit', session: this.id, calls });
+    let send: TaskCall[] | null = null;
+    for (let i = 0; i < calls.length; i++) {
+      const c = calls[i]!;
+      this.inFlight.set(c.id, c.runId);
+      const why = unsendable(c.args, 'args') ?? unsendable(c.loopResult, 'loopResult');
+      if (why === null) {
+        send?.push(c);
+        continue;
+      }
+      // Only this call fails; the rest of the batch goes.
+      send ??= calls.slice(0, i);
+      const err = new TaskSerializationError(`arguments of task "${c.key}" cannot be sent between processes: they hold ${why}`);
+      this.local.push({ id: c.id, runId: c.runId, status: 'error', error: wireError(err), startMs: 0, endMs: now() });
+    }
+    if (this.local.length > 0) this.localImmediate ??= setImmediate(() => this.flushLocal());
+    const out = send ?? calls;
+    if (out.length > 0) this.client.post({ op: 'submit', session: this.id, calls: out });
   }
 
   cancel(ids: readonly number[]): void {
@@ -730,6 +827,9 @@ export class CallSession {
     if (!this.open) return;
     this.open = false;
     this.inFlight.clear();
+    this.local = [];
+    if (this.localImmediate !== null) clearImmediate(this.localImmediate);
+    this.localImmediate = null;
     this.client.forgetSession(this.id);
     this.client.post({ op: 'closeSession', session: this.id });
   }
@@ -774,6 +874,14 @@ export class CallSession {
     for (const [id, runId] of this.inFlight) outs.push({ id, runId, status: 'error', error: rec, startMs: 0, endMs: t });
     this.inFlight.clear();
     this.deliver(outs);
+  }
+
+  /** Outcomes made here (calls that could not be sent), delivered once per tick. */
+  private flushLocal(): void {
+    this.localImmediate = null;
+    const outs = this.local.filter((o) => this.inFlight.delete(o.id));
+    this.local = [];
+    if (this.open && outs.length > 0) this.deliver(outs);
   }
 
   private deliver(outs: Outcome[]): void {
