@@ -11,6 +11,7 @@ import { ClusterConnectionError, ClusterExecutor, LocalCluster, flow, parameter,
 import type { LogRecord } from '../src/cluster/protocol.ts';
 import { fetchStatus } from '../src/cluster/local-cluster.ts';
 import { killAll, runWeft } from './fixtures/cli-spawn.ts';
+import { makePki, type TestPki } from './helpers/tls.ts';
 import { runResultFrom, progressFromCounts, countsOf } from '../src/cluster/run-result.ts';
 import { ClusterClient, unsendable } from '../src/cluster/client.ts';
 import { TaskSerializationError } from '../src/errors.ts';
@@ -207,6 +208,28 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
     const err = await p.catch((e: unknown) => e as Error);
     expect(err).toBeInstanceOf(ClusterConnectionError);
     expect((err as Error).message).toMatch(new RegExp(`^flow "lost": lost the connection to the weft scheduler at ${s2.address.replace(/\./g, '\\.')}`));
+  });
+
+  it('wss with a token: the client verifies the scheduler by its CA and proves the token; a wrong token is refused', async () => {
+    let pki: TestPki | null = null;
+    let secure: SchedulerServer | null = null;
+    try {
+      pki = makePki();
+      secure = await startScheduler({ port: 0, token: 'sesame', tls: { cert: pki.serverCert, key: pki.serverKey }, log: () => undefined });
+      expect(secure.address).toMatch(/^wss:\/\//);
+      const c = await ClusterClient.connect({ address: secure.address, token: 'sesame', tls: { ca: pki.caCert } });
+      await c.close();
+      const wrong = await ClusterClient.connect({ address: secure.address, token: 'nope', tls: { ca: pki.caCert } }).catch((e: unknown) => e as Error);
+      expect(wrong).toBeInstanceOf(ClusterConnectionError);
+      expect((wrong as Error).message).toContain(`cannot connect to the weft scheduler at ${secure.address}`);
+      const none = await ClusterClient.connect({ address: secure.address, tls: { ca: pki.caCert } }).catch((e: unknown) => e as Error);
+      expect((none as Error).message).toMatch(/asks for a token and none is configured/);
+      const untrusted = await ClusterClient.connect({ address: secure.address, token: 'sesame' }).catch((e: unknown) => e as Error);
+      expect(untrusted).toBeInstanceOf(ClusterConnectionError);
+    } finally {
+      await secure?.close();
+      pki?.remove();
+    }
   });
 
   it('a client connects, reports its id, and closes cleanly (idempotent)', async () => {
@@ -448,6 +471,12 @@ describe('temporary local clusters', () => {
     expect(pids).toHaveLength(3);
     expect(ex.localCluster).toBeNull();
     expect(pids.filter(alive)).toEqual([]);
+  });
+
+  it('a temporary cluster with a token: every process reads it from a mode-600 file, the run proves it', async () => {
+    const f = flow('cc-token', () => ({ t: total(square.map([2, 3])) }));
+    const r = await f.run({ executor: new ClusterExecutor({ workers: 1, token: 'local-secret' }) });
+    expect(r.result(f.outputs.t)).toBe(13);
   });
 
   it('the nanny restarts a worker that dies; close() stops every process', async () => {

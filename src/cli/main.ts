@@ -257,12 +257,9 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
   // Installed before the start line: a Ctrl-C from then on cancels rather than kills.
   process.on('SIGINT', onSigint);
   const where = relative(io.cwd, resolve(io.cwd, file)) || file;
-  const sizing = [
-    cluster.address !== undefined ? `at ${cluster.address}` : '',
-    cluster.workers !== undefined ? `${cluster.workers} workers` : '',
-    threads !== undefined ? `${threads} threads` : '',
-  ].filter((x) => x !== '');
-  reporter?.start(`weft: running flow '${flow.name}' from ${where} (executor: ${executorKind ?? 'local'}${sizing.map((x) => `, ${x}`).join('')})`);
+  const sizing = [cluster.workers !== undefined ? `${cluster.workers} workers` : '', threads !== undefined ? `${threads} threads` : ''].filter((x) => x !== '');
+  const at = cluster.address !== undefined ? ` at ${cluster.address}` : '';
+  reporter?.start(`weft: running flow '${flow.name}' from ${where} (executor: ${executorKind ?? 'local'}${at}${sizing.map((x) => `, ${x}`).join('')})`);
 
   const opts: RunOptions = { parameters, signal: controller.signal };
   if (restart !== undefined) opts.restartFrom = restart;
