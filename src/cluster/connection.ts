@@ -268,6 +268,10 @@ export function acceptHandshake(conn: Connection, o: AcceptOptions): Promise<Acc
       conn.onClose = prevClose;
       done(null, { hello: h, id: verdict.id });
     };
+    const late = (msgs: Message[], last: Message): void => {
+      const rest = msgs.slice(msgs.indexOf(last) + 1);
+      if (rest.length > 0 && settled && !conn.closed) queueMicrotask(() => deliverLate(conn, rest));
+    };
     conn.onMessages = (msgs) => {
       if (settled) throw new ProtocolError('BAD_MESSAGE', 'message before the welcome was sent');
       for (const m of msgs) {
@@ -293,6 +297,7 @@ export function acceptHandshake(conn: Connection, o: AcceptOptions): Promise<Acc
             continue;
           }
           welcome(m);
+          late(msgs, m);
           return;
         }
         if (nonce !== null && m.op === 'proof') {
@@ -301,6 +306,7 @@ export function acceptHandshake(conn: Connection, o: AcceptOptions): Promise<Acc
             return;
           }
           welcome(hello);
+          late(msgs, m);
           return;
         }
         refuse('HANDSHAKE', `unexpected "${m.op}" during the handshake`);
@@ -365,7 +371,7 @@ export function openHandshake(conn: Connection, o: OpenOptions): Promise<Welcome
             }
             conn.send({ op: 'proof', proof: proveToken(o.token, m.nonce, o.hello.role, o.hello.name) });
             break;
-          case 'welcome':
+          case 'welcome': {
             try {
               checkVersion(m);
             } catch (err) {
@@ -376,7 +382,12 @@ export function openHandshake(conn: Connection, o: OpenOptions): Promise<Welcome
             clearTimeout(timer);
             conn.onClose = prevClose;
             resolve(m);
+            // Messages after the welcome in the same frame go to the owner's handler, which
+            // it sets when this promise resolves (before this microtask runs).
+            const rest = msgs.slice(msgs.indexOf(m) + 1);
+            if (rest.length > 0) queueMicrotask(() => deliverLate(conn, rest));
             return;
+          }
           case 'refuse':
             fail(m.code, `refused: ${m.reason}`);
             return;
@@ -388,6 +399,17 @@ export function openHandshake(conn: Connection, o: OpenOptions): Promise<Welcome
     };
     conn.send({ op: 'hello', version: PROTOCOL_VERSION, ...o.hello });
   });
+}
+
+/** Hand messages that arrived with the handshake's last one to the owner's handler; a protocol error closes. */
+function deliverLate(conn: Connection, msgs: Message[]): void {
+  if (conn.closed) return;
+  try {
+    conn.onMessages(msgs);
+  } catch (err) {
+    const code = err instanceof ProtocolError ? err.code : 'BAD_MESSAGE';
+    conn.close(`${conn.label}: ${(err as Error).message}`, code, 1008);
+  }
 }
 
 /**

@@ -111,7 +111,12 @@ export interface Inflight {
   readonly remake: HeldResult | null;
   /** Results this call needs that are being recomputed. */
   blockedOn: number;
+  /** Times it came back INPUT_LOST and was placed again. */
+  inputRetries: number;
 }
+
+/** A call whose inputs cannot be fetched this many times ends with that error. */
+const MAX_INPUT_RETRIES = 3;
 
 export interface FleetStats {
   assigned: number;
@@ -234,6 +239,12 @@ export class Fleet {
     this.hungry.add(s);
     const n = this.hungry.size;
     return n <= 1 ? free : Math.max(1, Math.ceil(free / n));
+  }
+
+  /** No slot for this session now; it is woken when credits come back. */
+  hungryFor(s: FleetSession): number {
+    this.hungry.add(s);
+    return 0;
   }
 
   /** Credits came back: let waiting sessions dispatch again. */
@@ -418,8 +429,9 @@ export class Fleet {
         this.remade(f, w, o);
         continue;
       }
-      if (o.status === 'lost' && o.error?.code === 'INPUT_LOST') {
+      if (o.status === 'lost' && o.error?.code === 'INPUT_LOST' && f.inputRetries < MAX_INPUT_RETRIES) {
         // An input vanished (its holder died while this call fetched it): wait for its recomputation.
+        f.inputRetries++;
         if (this.retryAfterInputs(f)) continue;
       }
       if (s.aheadOn.size > 0) {
@@ -543,10 +555,10 @@ export class Fleet {
     if (h.recomputing || h.released) return;
     h.recomputing = true;
     const s = h.session;
-    const f: Inflight = { session: s, call: { ...h.producer, runId: -1 }, worker: null, remake: h, blockedOn: 0 };
+    // Same id (the worker stores the result under its key); runId -1: the runner never sees it
+    // (its task finished long ago, so no call of the runner's can hold that id meanwhile).
+    const f: Inflight = { session: s, call: { ...h.producer, runId: -1 }, worker: null, remake: h, blockedOn: 0, inputRetries: 0 };
     this.options.log(`recomputing ${h.key} (task "${h.producer.key}") from lineage`);
-    // Remakes use ids outside the runner's: a negative id per key.
-    f.call = { ...f.call, id: -(s.nextRemakeId++) };
     s.inflight.set(f.call.id, f);
     if (this.blockers(f) > 0) return;
     f.call = refreshDeps(f.call, s);
@@ -697,7 +709,6 @@ export class FleetSession implements Executor {
   readonly touched = new Set<WorkerState>();
   closed = false;
   warnedResources = false;
-  nextRemakeId = 1;
   /** Per task key (node key): return the value with the outcome whatever its size. */
   needsValue: ((key: string) => boolean) | null = null;
   /** Call sessions return every value. */
@@ -733,7 +744,8 @@ export class FleetSession implements Executor {
     if (this.closed) return 0;
     if (this.parked.length > 0) {
       this.fleet.placeParked(this);
-      if (this.parked.length > 0) return 0;
+      // Parked calls go first; the runner is woken when credits come back.
+      if (this.parked.length > 0) return this.fleet.hungryFor(this);
     }
     return this.fleet.shareFor(this);
   }
@@ -741,7 +753,7 @@ export class FleetSession implements Executor {
   submit(calls: TaskCall[]): void {
     const fleet = this.fleet;
     for (let i = 0; i < calls.length; i++) {
-      const f: Inflight = { session: this, call: this.toWire(calls[i]!), worker: null, remake: null, blockedOn: 0 };
+      const f: Inflight = { session: this, call: this.toWire(calls[i]!), worker: null, remake: null, blockedOn: 0, inputRetries: 0 };
       this.inflight.set(f.call.id, f);
       if (fleet.workersGone()) {
         this.parked.push(f);
@@ -811,7 +823,7 @@ export class FleetSession implements Executor {
     const pf = this.inflight.get(producer);
     const w = pf?.worker ?? null;
     if (w === null || w.retiring || this.closed || this.inflight.has(call.id) || call.resources !== undefined) return false;
-    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0 };
+    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0, inputRetries: 0 };
     if (f.call.deps !== undefined) {
       // Every other input must be held by that worker or be known: a lost one rules it out.
       for (const d of f.call.deps) {
