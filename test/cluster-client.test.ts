@@ -14,7 +14,7 @@ import { killAll, runWeft } from './fixtures/cli-spawn.ts';
 import { makePki, type TestPki } from './helpers/tls.ts';
 import { runResultFrom, progressFromCounts, countsOf } from '../src/cluster/run-result.ts';
 import { ClusterClient, unsendable } from '../src/cluster/client.ts';
-import { TaskSerializationError } from '../src/errors.ts';
+import { FlowValidationError, TaskSerializationError } from '../src/errors.ts';
 import { STATE_ORDER, ProtocolError, type RunRecords } from '../src/cluster/protocol.ts';
 import { startScheduler, type SchedulerServer } from '../src/cluster/scheduler.ts';
 import type { TaskStateName } from '../src/flow/spec.ts';
@@ -161,6 +161,19 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
       await expect(c.runGraph(bad, { p: 0 })).rejects.toThrow(TaskSerializationError);
       await expect(c.runGraph(bad, { p: 0 })).rejects.toThrow('task "sq": its arguments cannot be sent to a cluster scheduler: a function (max) at argument 0.f');
       await expect(c.runGraph(spec, { p: Symbol('s') })).rejects.toThrow('flow "fn-arg": parameter "p" cannot be sent to a cluster scheduler: it holds a symbol at p');
+    } finally {
+      await c.close();
+    }
+  });
+
+  it("a graph the scheduler rejects rejects the run with the scheduler's error, rebuilt into its class", async () => {
+    const f = flow('needs-n', () => ({ n: parameter<number>('n') }));
+    const c = await ClusterClient.connect({ address: scheduler.address });
+    try {
+      // runFlow checks parameters before handing the graph over; a client that does not is refused by the scheduler.
+      const err = await c.runGraph(f.spec(), {}).catch((e: unknown) => e as Error);
+      expect(err).toBeInstanceOf(FlowValidationError);
+      expect(err!.message).toBe('flow "needs-n": required parameter "n" was not given');
     } finally {
       await c.close();
     }
@@ -479,13 +492,18 @@ describe('temporary local clusters', () => {
     expect(r.result(f.outputs.t)).toBe(13);
   });
 
-  it('the nanny restarts a worker that dies; close() stops every process', async () => {
+  it('the nanny restarts a worker that dies; scale() grows and shrinks; close() stops every process', async () => {
     const c = await LocalCluster.start({ workers: 2 });
     try {
       const [first] = c.workerPids;
       process.kill(first!, 'SIGKILL');
       await waitFor('a replacement worker', async () => !c.workerPids.includes(first!) && c.workerPids.length === 2 && (await c.status()).workers.length === 2);
       expect(c.workerPids).not.toContain(first);
+      await c.scale(3);
+      expect(c.workerPids).toHaveLength(3);
+      await c.scale(1);
+      expect(c.workerPids).toHaveLength(1);
+      expect((await c.status()).workers).toHaveLength(1);
     } finally {
       const pids = [c.schedulerPid, ...c.workerPids];
       await c.close();
