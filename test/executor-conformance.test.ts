@@ -30,6 +30,8 @@ interface Factory {
   caps: readonly Capability[];
   make: () => Executor;
   makeWarm?: () => Executor;
+  /** How this executor names the worker of an outcome (default: a thread or process). */
+  workerName?: RegExp;
   /** Once per executor (beforeAll/afterAll): e.g. the cluster its executors connect to. */
   setup?: () => Promise<void>;
   teardown?: () => Promise<void>;
@@ -67,8 +69,13 @@ const factories: Factory[] = [
     // stopped (its thread is replaced), as on a pool.
     mode: 'processes',
     // crash: a task that kills its thread is reported lost by its worker (a worker
-    // process that dies is restarted by the cluster's nanny).
-    caps: ['wire', 'crash', 'warm'],
+    // process that dies is restarted by the cluster's nanny). Not 'warm' here: that case
+    // loads a second instance of the fixture module under a `?session=2` URL, which the
+    // client checks by importing it in this (vitest) process, and vitest's module runner
+    // drops query strings. Warm reuse of a cluster (keepAlive: two graph runs and a call
+    // session on the same workers) is covered in test/cluster-client.test.ts.
+    caps: ['wire', 'crash'],
+    workerName: /^local-\d+$/,
     make: () => new ClusterExecutor({ address: clusterAddress() }),
     makeWarm: () => new ClusterExecutor({ address: clusterAddress(), keepAlive: true }),
     setup: async () => {
@@ -199,7 +206,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 const handleKinds = (): string[] => process.getActiveResourcesInfo().filter((r) => r !== 'Timeout' && r !== 'Immediate');
 
-describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, makeWarm, setup, teardown }) => {
+describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, makeWarm, workerName, setup, teardown }) => {
   if (setup !== undefined) beforeAll(setup);
   if (teardown !== undefined) afterAll(teardown);
   let ex: Executor | null = null;
@@ -333,15 +340,16 @@ describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, mak
 
   it('cancels queued calls', async () => {
     const d = await open();
-    const slow = mode === 'local' ? call('sleep', [150]) : call('busy', [150]);
-    const slow2 = mode === 'local' ? call('sleep', [150]) : call('busy', [150]);
+    // Every slot busy (at least two calls), so the adds after them are queued.
+    const slow = (): TaskCall => (mode === 'local' ? call('sleep', [150]) : call('busy', [150]));
+    const slows = Array.from({ length: Math.max(2, d.ex.workers) }, slow);
     const queued = [call('add', [1, 1]), call('add', [2, 2]), call('add', [3, 3])];
-    const all = d.run([slow, slow2, ...queued]);
+    const all = d.run([...slows, ...queued]);
     d.ex.cancel([queued[0]!.id, queued[2]!.id]);
     const outs = await all;
-    expect(outs.map((o) => o.status)).toEqual(['ok', 'ok', 'cancelled', 'ok', 'cancelled']);
-    expect(errOf(outs[2]!).name).toBe('CancelledError');
-    expect(outs[3]!.value).toBe(4);
+    expect(outs.map((o) => o.status)).toEqual([...slows.map(() => 'ok'), 'cancelled', 'ok', 'cancelled']);
+    expect(errOf(outs[slows.length]!).name).toBe('CancelledError');
+    expect(outs[slows.length + 1]!.value).toBe(4);
     expect(d.ex.freeSlots()).toBe(d.limit);
   });
 
@@ -365,7 +373,7 @@ describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, mak
     const [o] = await d.run([call('exit', [1])]);
     expect(o!.status).toBe('lost');
     expect(errOf(o!).name).toBe('WorkerLostError');
-    expect(o!.worker).toMatch(/^(thread|process)-/);
+    expect(o!.worker).toMatch(workerName ?? /^(thread|process)-/);
     const outs = await d.run(Array.from({ length: 200 }, (_, i) => call('add', [i, 1])));
     outs.forEach((x, i) => expect(x.value).toBe(i + 1));
     // The replacement joins (it imports the modules first): both workers serve again.

@@ -20,7 +20,6 @@
  *   them; the core fails a task lost on 3 workers as a suspected poison task).
  */
 import { performance } from 'node:perf_hooks';
-import { Unpackr } from 'msgpackr';
 import { WorkerLostError, type SerializedError } from '../errors.ts';
 import type { Executor, ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { ResultRefs } from '../runner/types.ts';
@@ -29,12 +28,7 @@ import { dataKey, type WireCall, type WireDep, type WireOutcome } from './protoc
 
 const now = (): number => performance.timeOrigin + performance.now();
 
-/** msgpack bytes of held results (packed by the worker that made them, without records). */
-const valueUnpackr = new Unpackr({ useRecords: false, mapsAsObjects: true });
-
-export function unpackValue(bytes: Uint8Array): unknown {
-  return valueUnpackr.unpack(bytes);
-}
+export { unpackValue } from './worker-store.ts';
 
 export interface WorkerState {
   readonly id: string;
@@ -49,8 +43,10 @@ export interface WorkerState {
   readonly heartbeatMs: number;
   readonly joinedMs: number;
   credits: number;
-  /** Calls sent and not yet ended. */
+  /** Calls sent and not yet ended (ahead calls not counted: see `aheadUsed`). */
   used: number;
+  /** Ahead calls waiting there for their producers. */
+  aheadUsed: number;
   /** Calls by resource name in flight (for resource capacity). */
   resourceUse: Map<string, number>;
   retiring: boolean;
@@ -113,6 +109,8 @@ export interface Inflight {
   blockedOn: number;
   /** Times it came back INPUT_LOST and was placed again. */
   inputRetries: number;
+  /** Sent ahead of its producer's outcome: waits on that worker, takes no credit. */
+  ahead?: boolean;
 }
 
 /** A call whose inputs cannot be fetched this many times ends with that error. */
@@ -257,6 +255,7 @@ export class Fleet {
   }
 
   closeSession(s: FleetSession, releaseData: boolean): void {
+    this.flush();
     const cancel: number[] = [];
     for (const f of s.inflight.values()) if (f.worker !== null) cancel.push(f.call.id);
     if (cancel.length > 0) {
@@ -266,7 +265,8 @@ export class Fleet {
         let l = byWorker.get(f.worker);
         if (l === undefined) byWorker.set(f.worker, (l = []));
         l.push(f.call.id);
-        f.worker.used--;
+        if (f.ahead) f.worker.aheadUsed--;
+        else f.worker.used--;
         if (f.call.resources !== undefined) useResources(f.worker, f.call.resources, -1);
       }
       for (const [w, ids] of byWorker) w.conn.send({ op: 'cancelTasks', run: s.run, tasks: ids });
@@ -349,6 +349,7 @@ export class Fleet {
     return true;
   }
 
+  /** Round robin over workers with a free credit (O(1) per call when most have one). */
   private nextFree(): WorkerState | null {
     const order = this.order;
     const n = order.length;
@@ -356,7 +357,7 @@ export class Fleet {
       const i = (this.cursor + k) % n;
       const w = order[i]!;
       if (!w.retiring && w.credits > w.used) {
-        this.cursor = i;
+        this.cursor = i + 1 === n ? 0 : i + 1;
         return w;
       }
     }
@@ -365,7 +366,8 @@ export class Fleet {
 
   assign(f: Inflight, w: WorkerState): void {
     f.worker = w;
-    w.used++;
+    if (f.ahead) w.aheadUsed++;
+    else w.used++;
     if (f.call.resources !== undefined) useResources(w, f.call.resources, 1);
     this.stats.assigned++;
     const s = f.session;
@@ -398,7 +400,17 @@ export class Fleet {
             }
           }
         }
-        w.conn.send({ op: 'compute', run, modules: s.modules, bundle: s.bundle, calls, ...(peers !== undefined ? { peers } : {}) });
+        const first = !s.announced.has(w);
+        if (first) s.announced.add(w);
+        w.conn.send({
+          op: 'compute',
+          run,
+          modules: s.modules,
+          bundle: s.bundle,
+          calls,
+          ...(peers !== undefined ? { peers } : {}),
+          ...(first && s.session !== null ? { flowName: s.session.flowName, parameters: s.session.parameters } : {}),
+        });
       }
       w.pending.clear();
     }
@@ -409,19 +421,15 @@ export class Fleet {
   /** A worker's batch of outcomes for one run. */
   outcomes(w: WorkerState, run: number, outs: readonly WireOutcome[]): void {
     const s = this.sessions.get(run);
-    if (s === undefined) {
-      // A closed session: the credits still come back.
-      w.used = Math.max(0, w.used - outs.length);
-      this.wake();
-      return;
-    }
+    if (s === undefined) return; // a closed session: its calls' credits were returned when it closed
     let batch: Outcome[] | null = null;
     for (let i = 0; i < outs.length; i++) {
       const o = outs[i]!;
       const f = s.inflight.get(o.id);
       if (f === undefined || f.worker !== w || f.call.runId !== o.runId) continue; // stale (cancelled, stolen back, rescheduled)
       s.inflight.delete(o.id);
-      w.used--;
+      if (f.ahead) w.aheadUsed--;
+      else w.used--;
       if (f.call.resources !== undefined) useResources(w, f.call.resources, -1);
       w.executed++;
       this.stats.completed++;
@@ -603,7 +611,8 @@ export class Fleet {
       let n = 0;
       for (const s of this.sessions.values()) {
         for (const f of s.inflight.values()) {
-          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || n >= want) continue;
+          // Not ahead calls, nor producers of ahead calls (their consumers wait on that worker).
+          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || s.aheadOn.has(f.call.id) || n >= want) continue;
           let l = byRun.get(s.run);
           if (l === undefined) byRun.set(s.run, (l = []));
           l.push(f.call.id);
@@ -618,10 +627,7 @@ export class Fleet {
   /** The victim's answer: stolen calls go to the thief (or wherever there is room). */
   stolen(victim: WorkerState, run: number, ids: readonly number[], thief: WorkerState | undefined): void {
     const s = this.sessions.get(run);
-    if (s === undefined) {
-      victim.used = Math.max(0, victim.used - ids.length);
-      return;
-    }
+    if (s === undefined) return; // closed meanwhile: its credits were returned then
     for (const id of ids) {
       const f = s.inflight.get(id);
       if (f === undefined || f.worker !== victim) continue;
@@ -707,6 +713,8 @@ export class FleetSession implements Executor {
   parked: Inflight[] = [];
   /** Workers that received compute for this session. */
   readonly touched = new Set<WorkerState>();
+  /** Workers told this session's flow name and parameters. */
+  readonly announced = new Set<WorkerState>();
   closed = false;
   warnedResources = false;
   /** Per task key (node key): return the value with the outcome whatever its size. */
@@ -823,7 +831,7 @@ export class FleetSession implements Executor {
     const pf = this.inflight.get(producer);
     const w = pf?.worker ?? null;
     if (w === null || w.retiring || this.closed || this.inflight.has(call.id) || call.resources !== undefined) return false;
-    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0, inputRetries: 0 };
+    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0, inputRetries: 0, ahead: true };
     if (f.call.deps !== undefined) {
       // Every other input must be held by that worker or be known: a lost one rules it out.
       for (const d of f.call.deps) {
@@ -858,6 +866,8 @@ export class FleetSession implements Executor {
       if (l === undefined) byWorker.set(f.worker, (l = []));
       l.push(id);
     }
+    // Computes of this tick go out first: a cancel must never overtake the call it names.
+    if (byWorker.size > 0) this.fleet.flush();
     for (const [w, l] of byWorker) w.conn.send({ op: 'cancelTasks', run: this.run, tasks: l });
     if (out.length > 0) this.deliver(out);
   }

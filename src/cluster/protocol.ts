@@ -430,6 +430,9 @@ export interface ComputeMsg {
   readonly calls: readonly WireCall[];
   /** Peer addresses (worker id → ws://host:port) of holders named in this batch's deps. */
   readonly peers?: Readonly<Record<string, string>>;
+  /** With the first compute of a run on a worker: what `context()` reports in its tasks. */
+  readonly flowName?: string;
+  readonly parameters?: Readonly<Record<string, unknown>>;
 }
 
 /** An `Outcome` as data. The value stays on the worker unless it is small (`value` present). */
@@ -691,7 +694,10 @@ const SPEC = {
   eventSummary: { dirs: ['s2c'], fields: { graph: 'int', counts: 'object', dropped: 'int' } },
   getResults: { dirs: ['c2s'], fields: { id: 'int', graph: 'int', tasks: 'array' } },
   results: { dirs: ['s2c'], fields: { id: 'int', values: 'array', error: 'error?' } },
-  compute: { dirs: ['s2w'], fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array', peers: 'object?' } },
+  compute: {
+    dirs: ['s2w'],
+    fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array', peers: 'object?', flowName: 'string?', parameters: 'object?' },
+  },
   outcomes: { dirs: ['w2s'], fields: { run: 'int', outcomes: 'array' } },
   credits: { dirs: ['w2s'], fields: { credits: 'int' } },
   cancelTasks: { dirs: ['s2w'], fields: { run: 'int', tasks: 'array' } },
@@ -772,6 +778,8 @@ function describe(v: unknown): string {
  * its required fields of the right types. Returns it typed; throws `ProtocolError`.
  */
 export function validateMessage(m: unknown, index: number, dir?: Direction): Message {
+  // A generic msgpack encoder writes objects as maps (no records): take its message as an object.
+  if (m instanceof Map && [...m.keys()].every((k) => typeof k === 'string')) m = Object.fromEntries(m);
   if (typeof m !== 'object' || m === null || Array.isArray(m) || m instanceof Uint8Array) {
     throw new ProtocolError('BAD_MESSAGE', `message ${index}: expected an object, got ${describe(m)}`, { expected: 'object' });
   }
@@ -862,9 +870,12 @@ export class FrameCodec {
     // ends must see every frame, in order (a WebSocket guarantees that). copyBuffers:
     // binary values (results moving worker to worker) must not be views that pin the
     // whole received frame in memory for as long as the result is held.
-    const options = { useRecords: true, sequential: true, copyBuffers: true, mapsAsObjects: true } as const;
+    // moreTypes + mapsAsObjects: false: task arguments and results keep their types
+    // (Map, Set, ArrayBuffer, typed arrays, Date, Error, big integers); messages, being
+    // plain objects, travel as records and come back as objects.
+    const options = { useRecords: true, sequential: true, copyBuffers: true, moreTypes: true } as const;
     this.packr = new Packr({ ...options });
-    this.unpackr = new Unpackr({ ...options });
+    this.unpackr = new Unpackr({ ...options, mapsAsObjects: false });
     this.broken = null;
   }
 
@@ -932,7 +943,7 @@ export class FrameCodec {
       );
     }
     try {
-      for (let i = 0; i < value.length; i++) validateMessage(value[i], i, this.receives);
+      for (let i = 0; i < value.length; i++) value[i] = validateMessage(value[i], i, this.receives);
     } catch (err) {
       throw this.fail(err as ProtocolError);
     }

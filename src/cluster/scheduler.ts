@@ -269,6 +269,7 @@ export class SchedulerServer {
       joinedMs: now(),
       credits: 0,
       used: 0,
+      aheadUsed: 0,
       resourceUse: new Map(),
       retiring: false,
       held: new Map(),

@@ -14,10 +14,12 @@ import { mkdir, mkdtemp, readFile, rm, rmdir, unlink, writeFile } from 'node:fs/
 import { join } from 'node:path';
 import { Packr, Unpackr } from 'msgpackr';
 
-// Results use their own pair, without record structures: packed bytes are read by other
-// processes long after, outside any connection, so they cannot depend on per-connection
-// state. moreTypes keeps typed arrays, Maps, Sets and Errors what they were.
-const RESULT_OPTIONS = { useRecords: false, moreTypes: true, copyBuffers: true } as const;
+// Results use their own pair. The bytes are read by other processes long after, outside
+// any connection, so they must not depend on per-connection state: record structures
+// (which tell a plain object from a Map) are written inline and forgotten after each
+// value (`structures = []` on both sides). moreTypes keeps typed arrays, ArrayBuffers,
+// Sets, Dates and Errors what they were; mapsAsObjects: false keeps a Map a Map.
+const RESULT_OPTIONS = { useRecords: true, sequential: true, moreTypes: true, copyBuffers: true } as const;
 const resultPackr = new Packr({
   ...RESULT_OPTIONS,
   // msgpackr would write a function as `undefined` without a word; a result that holds
@@ -26,13 +28,16 @@ const resultPackr = new Packr({
     throw new TypeError('a function cannot be sent');
   },
 });
-const resultUnpackr = new Unpackr(RESULT_OPTIONS);
+const resultUnpackr = new Unpackr({ ...RESULT_OPTIONS, mapsAsObjects: false });
+
+type WithStructures = { structures: unknown[] };
 
 /**
  * A result as msgpack bytes of its own. Throws what msgpackr throws for a value it
  * cannot pack. The bytes are copied out of msgpackr's shared slab (a view would pin it).
  */
 export function packValue(value: unknown): Uint8Array {
+  (resultPackr as unknown as WithStructures).structures = [];
   const view = resultPackr.pack(value);
   const out = new Uint8Array(view.byteLength);
   out.set(view);
@@ -41,6 +46,7 @@ export function packValue(value: unknown): Uint8Array {
 
 /** A result back from its bytes (`packValue`'s inverse). */
 export function unpackValue(bytes: Uint8Array): unknown {
+  (resultUnpackr as unknown as WithStructures).structures = [];
   return resultUnpackr.unpack(bytes);
 }
 

@@ -300,7 +300,12 @@ class WorkerCore {
 
   private readonly url: string;
   private readonly threads: number;
-  private readonly credits: number;
+  /** Credits for tasks of unknown or long duration (threads × saturation). */
+  private readonly baseCredits: number;
+  /** Credits last sent (they grow while tasks are measured short: see `adaptCredits`). */
+  private credits: number;
+  /** Mean task duration across task keys (EMA, ms); undefined until one ended. */
+  private meanMs: number | undefined;
   private readonly memoryLimit: number;
   private readonly inlineBytes: number;
   private readonly log: (line: string) => void;
@@ -381,7 +386,8 @@ class WorkerCore {
     this.threads = positiveInt(o.threads ?? 1, 'threads');
     const saturation = o.saturation ?? 2;
     if (!(saturation > 0)) throw new RangeError(`worker: saturation must be > 0, got ${saturation}`);
-    this.credits = Math.max(1, Math.ceil(this.threads * saturation));
+    this.baseCredits = Math.max(1, Math.ceil(this.threads * saturation));
+    this.credits = this.baseCredits;
     this.memoryLimit = Math.max(0, o.memoryLimit ?? 0);
     this.inlineBytes = o.inlineBytes ?? 64;
     this.log = o.log ?? ((line) => process.stderr.write(`[weft worker ${this.name}] ${line}\n`));
@@ -659,23 +665,33 @@ class WorkerCore {
     if (m.peers !== undefined) {
       for (const [id, addr] of Object.entries(m.peers)) if (typeof addr === 'string') this.peerAddrs.set(id, addr);
     }
-    const rs = this.runs.get(m.run) ?? this.openRun(m.run, m.modules.filter((u): u is string => typeof u === 'string'));
+    const rs =
+      this.runs.get(m.run) ??
+      this.openRun(
+        m.run,
+        m.modules.filter((u): u is string => typeof u === 'string'),
+        typeof m.flowName === 'string' ? m.flowName : `run ${m.run}`,
+        typeof m.parameters === 'object' && m.parameters !== null ? m.parameters : {},
+      );
     for (const c of calls) this.accept(rs, c, m.bundle);
     this.schedulePump();
   }
 
-  private openRun(run: number, modules: readonly string[]): RunState {
+  private openRun(run: number, modules: readonly string[], flowName: string, params: Readonly<Record<string, unknown>>): RunState {
+    // A fresh object per run: console capture finds the run from it.
+    const parameters = { ...params };
+    runOfParameters.set(parameters, { worker: this, run });
     const executor: Executor = this.threads === 1 ? new LocalExecutor() : new PoolExecutor({ threads: this.threads });
     const rs: RunState = { run, executor, status: 'starting', startError: null, queue: [], head: 0, byNode: new Map() };
     this.runs.set(run, rs);
     const gen = this.gen;
     executor
       .start({
-        flowName: `run ${run}`,
+        flowName,
         modules,
         // No keys up front: a key that does not resolve fails only the calls that use it.
         taskKeys: [],
-        parameters: {},
+        parameters,
         onOutcomes: (outs) => {
           // Outside any task's console capture: this is the worker's own code.
           captureStore.exit(() => this.onOutcomes(rs, outs));
@@ -1004,10 +1020,14 @@ class WorkerCore {
         const d = o.endMs - o.startMs;
         const prev = this.durations.get(wc.call.taskKey);
         this.durations.set(wc.call.taskKey, prev === undefined ? d : prev + EMA * (d - prev));
+        this.meanMs = this.meanMs === undefined ? d : this.meanMs + EMA * (d - this.meanMs);
       }
       this.finish(wc, o);
     }
-    this.schedulePump();
+    this.adaptCredits();
+    // Now, not next turn: dependents that just became ready (ahead calls) go to the
+    // executor at once (LocalExecutor runs them in this same turn).
+    this.pump();
     this.checkRetired();
   }
 
@@ -1383,6 +1403,23 @@ class WorkerCore {
     }
   }
 
+  /**
+   * Credits follow task durations: with tasks of a few µs, 2 per thread would leave the
+   * worker idle for a scheduler round trip after every couple of calls, so short tasks
+   * earn a deeper queue (up to 256 per thread under 1 ms, 16 under 10 ms). Long tasks
+   * keep the base (threads × saturation), so that queued work stays stealable.
+   */
+  private adaptCredits(): void {
+    const d = this.meanMs;
+    if (d === undefined || this.paused) return;
+    const perThread = d < 1 ? 256 : d < 10 ? 16 : 0;
+    const want = Math.max(this.baseCredits, this.threads * perThread);
+    // Hysteresis: only a change of level is sent.
+    if (want === this.credits) return;
+    this.credits = want;
+    this.conn?.send({ op: 'credits', credits: want });
+  }
+
   // ---- task console output ----------------------------------------------------------
 
   /** A console line written by a running task (inline mode). False when there is no scheduler to send it to. */
@@ -1513,7 +1550,7 @@ function checkCall(raw: unknown, i: number): WireCall {
 /**
  * Task console output in inline mode (LocalExecutor, this thread). Calls are handed to
  * the executor under a wrapper task key (`weft-capture:<key>`) whose function finds the
- * call from the task context the executor set (run from the flow name `run <n>`, node
+ * call from the task context the executor set (run from its parameters object, node
  * key, map index), then runs the task inside an AsyncLocalStorage scope naming it. The
  * console methods, patched once per process while a capturing worker lives, send what
  * is written inside such a scope to that worker, and pass everything else through.
@@ -1528,6 +1565,8 @@ interface Capture {
 }
 
 const captureStore = new AsyncLocalStorage<Capture | null>();
+/** Each run's parameters object (what `context().parameters` is in its tasks) → its worker and run. */
+const runOfParameters = new WeakMap<object, { readonly worker: WorkerCore; readonly run: number }>();
 const CAPTURE_PREFIX = 'weft-capture:';
 const capturing = new Set<WorkerCore>();
 const wrapped = new Set<string>();
@@ -1583,15 +1622,11 @@ function captureKey(taskKey: string): string {
     } catch {
       ctx = null;
     }
-    if (ctx !== null && ctx.flowName.startsWith('run ')) {
-      const run = Number(ctx.flowName.slice(4));
-      for (const w of capturing) {
-        const wc = w.callOf(run, ctx.key, ctx.mapIndex);
-        if (wc !== undefined) {
-          target = { worker: w, wc };
-          break;
-        }
-      }
+    // The run's parameters object is unique to it (see `openRun`): it names worker and run.
+    const owner = ctx !== null ? runOfParameters.get(ctx.parameters) : undefined;
+    if (ctx !== null && owner !== undefined && capturing.has(owner.worker)) {
+      const wc = owner.worker.callOf(owner.run, ctx.key, ctx.mapIndex);
+      if (wc !== undefined) target = { worker: owner.worker, wc };
     }
     return captureStore.run(target, real, ...args);
   };

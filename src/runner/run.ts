@@ -32,7 +32,7 @@ import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, Ta
 const now = (): number => performance.timeOrigin + performance.now();
 
 /** Links of a chain sent ahead past the one dispatched. */
-const AHEAD_DEPTH = 64;
+const AHEAD_DEPTH = 256;
 
 /** What the runner needs from a whole-spec pass, computed once per spec (specs are immutable). */
 interface SpecInfo {
@@ -320,7 +320,10 @@ class FlowRun {
         if (e.outcome !== null) {
           this.ahead.delete(id);
           this.apply({ ...e.outcome, runId: core.runId[id]! });
-        } else e.taken = true;
+        } else {
+          e.taken = true;
+          if (this.canAhead) this.sendAhead(id);
+        }
         return null;
       }
     }
@@ -476,7 +479,12 @@ class FlowRun {
     let cur = id;
     for (let depth = 0; depth < AHEAD_DEPTH; depth++) {
       const d = core.aheadCandidate(cur);
-      if (d < 0 || this.ahead.has(d)) return;
+      if (d < 0) return;
+      if (this.ahead.has(d)) {
+        // Already sent: extend the chain past it (keeps AHEAD_DEPTH links in flight).
+        cur = d;
+        continue;
+      }
       const nodeId = core.node[d]!;
       const node = this.nodes[nodeId]!;
       if (node.kind !== 'task' || this.special[nodeId] === 1) return;
