@@ -431,9 +431,12 @@ describe('cluster worker: compute', () => {
     expect(b.byteLength).toBe(1000);
     expect(b[999]).toBe(999 & 0xff);
     expect(unpackValue(d.values[1]!)).toEqual(nested);
-    // Credits come back one per outcome; the only other credits message raises them
-    // because these tasks are short (256 per thread under 1 ms).
-    expect(link.all('credits').map((m) => m.credits)).toEqual([2, 256]);
+    // Credits come back one per outcome; other credits messages only raise the depth
+    // because these tasks are short (2,048 per thread under 50 µs, 256 under 1 ms).
+    const levels = link.all('credits').map((m) => m.credits);
+    expect(levels[0]).toBe(2);
+    expect(levels.length).toBeGreaterThan(1);
+    for (const c of levels.slice(1)) expect([256, 2048]).toContain(c);
   });
 
   it('fails calls of a non-empty bundle clearly', async () => {
@@ -742,8 +745,12 @@ describe('cluster worker: logs, memory, retirement', () => {
     link.compute(1, [call(2, key('echo'), [null], { deps: [dep('1:1', [link.id])], ret: true })]);
     expect(((await link.waitOutcomes([2]))[0]!.value as Uint8Array).byteLength).toBe(5000);
     rss = 50; // under 70%: resume, at the level short tasks earned
-    await until(() => link.all('credits').length === 4, 'resume');
-    expect(link.all('credits').map((m) => m.credits)).toEqual([2, 256, 0, 256]);
+    const paused = link.all('credits').findIndex((m) => m.credits === 0);
+    await until(() => link.all('credits').length > paused + 1, 'resume');
+    const levels = link.all('credits').map((m) => m.credits);
+    expect(levels[0]).toBe(2);
+    expect(levels.slice(1, paused).every((c) => c === 256 || c === 2048)).toBe(true);
+    expect(levels[paused + 1]).toBe(levels[paused - 1]);
     await w.close();
     expect(await readdir(spillDir)).toEqual([]);
   });

@@ -1406,13 +1406,13 @@ class WorkerCore {
   /**
    * Credits follow task durations: with tasks of a few µs, 2 per thread would leave the
    * worker idle for a scheduler round trip after every couple of calls, so short tasks
-   * earn a deeper queue (up to 256 per thread under 1 ms, 16 under 10 ms). Long tasks
+   * earn a deeper queue (2,048 per thread under 50 µs, 256 under 1 ms, 16 under 10 ms). Long tasks
    * keep the base (threads × saturation), so that queued work stays stealable.
    */
   private adaptCredits(): void {
     const d = this.meanMs;
     if (d === undefined || this.paused) return;
-    const perThread = d < 1 ? 256 : d < 10 ? 16 : 0;
+    const perThread = d < 0.05 ? 2048 : d < 1 ? 256 : d < 10 ? 16 : 0;
     const want = Math.max(this.baseCredits, this.threads * perThread);
     // Hysteresis: only a change of level is sent.
     if (want === this.credits) return;
