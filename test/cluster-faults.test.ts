@@ -275,4 +275,42 @@ describe('cluster faults', () => {
     await expect(napFlow(2, 1).run({ executor: bare })).rejects.toThrow();
     expect(good!.output).toContain('connected to wss://');
   }, 60_000);
+
+  it('two clients at once share the workers: both runs progress together and finish right', async () => {
+    const s = await cluster();
+    workers(s, ['m-a', 'm-b']);
+    await joined(s, 2);
+    const n = 60;
+    const f1 = napFlow(n, 20);
+    const f2 = napFlow(n, 20);
+    const [r1, r2] = await Promise.all([f1.run({ executor: executor(s) }), f2.run({ executor: executor(s) })]);
+    for (const [r, f] of [[r1, f1], [r2, f2]] as const) {
+      expect(r.state).toBe('Success');
+      expect(r.result(f.outputs)).toBe((n * (n - 1)) / 2);
+    }
+    // Fair sharing: neither run waited for the other to finish.
+    const span = (r: typeof r1): [number, number] => {
+      const ts = r.tasks.filter((t) => t.key.startsWith('pause'));
+      return [Math.min(...ts.map((t) => t.startMs)), Math.max(...ts.map((t) => t.endMs))];
+    };
+    const [a0, a1] = span(r1);
+    const [b0, b1] = span(r2);
+    expect(Math.max(a0, b0)).toBeLessThan(Math.min(a1, b1));
+  }, 60_000);
+
+  it('workers reconnect (with backoff) to a scheduler that restarts on the same port, and run again', async () => {
+    const first = await cluster();
+    const port = first.port;
+    const ws = workers(first, ['re-a', 're-b']);
+    await joined(first, 2);
+    await first.close();
+    scheduler = null;
+    const second = await cluster({ port });
+    await joined(second, 2);
+    const f = napFlow(20, 1);
+    const r = await f.run({ executor: executor(second) });
+    expect(r.state).toBe('Success');
+    expect(new Set(r.tasks.filter((t) => t.key.startsWith('pause')).map((t) => t.worker))).toEqual(new Set(['re-a', 're-b']));
+    expect(ws.every((w) => (w.output.match(/connected to ws:/g) ?? []).length >= 2)).toBe(true);
+  }, 60_000);
 });
