@@ -16,7 +16,8 @@
  * - **Executors** (registered in `executors.ts`): `cluster` is a fresh temporary cluster
  *   per run (`ClusterExecutor({ workers, threads: 1 })`: scheduler and worker processes
  *   start and stop inside the timing, like `pool`); `cluster-warm` is one kept-alive
- *   cluster started by the warm-up run and closed by `releaseExecutors`. Both read the
+ *   cluster started by the warm-up run (which runs the graph 1 + 3 times: the processes
+ *   JIT-compile their hot paths over the first runs) and closed by `releaseExecutors`. Both read the
  *   scheduler's `/status` (`fleet.relayedBytes`: result bytes that went through the
  *   scheduler instead of peer to peer) before the cluster stops; `takeClusterRuns()`
  *   hands those records to the CLI.
@@ -39,7 +40,7 @@ import { Packr, Unpackr } from 'msgpackr';
 import WebSocket from 'ws';
 import { Connection, openHandshake } from '../src/cluster/connection.ts';
 import type { FleetStats } from '../src/cluster/fleet.ts';
-import { fetchStatus, httpUrlOf } from '../src/cluster/local-cluster.ts';
+import { fetchStatus, httpUrlOf, type ClusterStatus } from '../src/cluster/local-cluster.ts';
 import type { Message, WireOutcome } from '../src/cluster/protocol.ts';
 import type { SchedulerServer } from '../src/cluster/scheduler.ts';
 import { ClusterExecutor } from '../src/executor/cluster.ts';
@@ -356,6 +357,17 @@ interface StatusFleet {
   readonly fleet?: Partial<FleetStats>;
 }
 
+/** Default bound of one benchmark graph run on a cluster. */
+const RUN_TIMEOUT_MS = 180_000;
+/** cluster-warm: extra untimed runs of the first graph (see `BenchClusterExecutor.runGraph`). */
+const WARMUP_REPEATS = 3;
+
+/** A one-line summary of the scheduler's /status (for a stuck run's error). */
+function describeStatus(s: ClusterStatus): string {
+  const workers = s.workers.map((w) => `${w.name}: credits ${String(w.credits ?? '?')} used ${String(w.used ?? '?')}`).join('; ');
+  return `slots ${s.slots}, queued ${s.queued}, running ${s.running}, tasks ${JSON.stringify(s.tasks ?? {})}, workers [${workers}]`;
+}
+
 /**
  * A temporary local cluster for the benchmarks: a `ClusterExecutor` (kept alive by
  * itself) that reads the scheduler's fleet counters before stopping the cluster. Fresh
@@ -366,13 +378,20 @@ export class BenchClusterExecutor implements Executor {
   readonly kind = 'cluster';
   readonly inner: ClusterExecutor;
   private graphRuns = 0;
+  /** A graph run that takes longer is cancelled and fails with the scheduler's /status in its message. */
+  readonly runTimeoutMs: number;
+  /** Warm: extra runs of the first graph inside the first (untimed warm-up) run. */
+  readonly warmupRepeats: number;
+  private warmedUp = false;
 
   constructor(
     readonly name: string,
-    settings: { workers: number; threads?: number },
+    settings: { workers: number; threads?: number; runTimeoutMs?: number; warmupRepeats?: number },
     private readonly warm: boolean,
   ) {
     this.inner = new ClusterExecutor({ workers: settings.workers, threads: settings.threads ?? 1, keepAlive: true });
+    this.runTimeoutMs = settings.runTimeoutMs ?? RUN_TIMEOUT_MS;
+    this.warmupRepeats = warm ? (settings.warmupRepeats ?? WARMUP_REPEATS) : 0;
   }
 
   get workers(): number {
@@ -401,11 +420,41 @@ export class BenchClusterExecutor implements Executor {
   }
 
   async runGraph(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
+    if (!this.warmedUp) {
+      // A warm cluster's processes JIT-compile their hot paths over its first runs: the
+      // harness's one warm-up run repeats the graph so the timed runs see a steady state.
+      this.warmedUp = true;
+      for (let i = 0; i < this.warmupRepeats; i++) await this.runOnce(spec, parameters, { ...opts, keepResults: false });
+    }
+    return this.runOnce(spec, parameters, opts);
+  }
+
+  private async runOnce(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
+    const timeout = new AbortController();
+    let stuck = '';
+    const timer = setTimeout(() => {
+      // What the scheduler was doing, for the error (then cancel the run).
+      const address = this.inner.address;
+      const status = address === '' ? Promise.resolve('(no cluster)') : fetchStatus(httpUrlOf(address), {}, 2_000).then(describeStatus, (e: unknown) => `(no /status: ${String(e)})`);
+      void status.then((s) => {
+        stuck = s;
+        timeout.abort();
+      });
+    }, this.runTimeoutMs);
+    const signal = opts.signal === undefined ? timeout.signal : AbortSignal.any([opts.signal, timeout.signal]);
+    // A run that does not even end once cancelled: give up on it (the cluster is closed after the case).
+    let hard: NodeJS.Timeout | undefined;
+    const abandoned = new Promise<never>((_, reject) => {
+      hard = setTimeout(() => reject(new Error(`${this.name}: run of "${spec.name}" did not end within ${this.runTimeoutMs} ms, nor once cancelled; scheduler: ${stuck}`)), this.runTimeoutMs + 15_000);
+    });
     try {
-      const r = await this.inner.runGraph(spec, parameters, opts);
+      const r = await Promise.race([this.inner.runGraph(spec, parameters, { ...opts, signal }), abandoned]);
+      if (timeout.signal.aborted) throw new Error(`${this.name}: run of "${spec.name}" did not finish within ${this.runTimeoutMs} ms; scheduler: ${stuck}`);
       this.graphRuns++;
       return r;
     } finally {
+      clearTimeout(timer);
+      clearTimeout(hard);
       if (!this.warm) await this.finish();
     }
   }

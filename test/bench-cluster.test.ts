@@ -141,3 +141,15 @@ describe('weft bench on a cluster', () => {
     expect(await benchCommand(['--shape', 'tree', '--sim-workers', '5'], io)).toBe(2);
   });
 });
+
+describe('BenchClusterExecutor', () => {
+  it('a run over its time bound fails with the scheduler status, and the cluster is stopped', async () => {
+    const before = openHandles();
+    const { BenchClusterExecutor } = await import('../bench/cluster.ts');
+    const { independent } = await import('../bench/shapes.ts');
+    const runFlow = await loadRunFlow();
+    const ex = new BenchClusterExecutor('cluster', { workers: 1, runTimeoutMs: 30 }, false);
+    await expect(runFlow(independent(50_000).spec, { executor: ex, keepResults: false })).rejects.toThrow(/did not (finish|end) within 30 ms/);
+    expect(await settledHandles(before)).toBe(before);
+  });
+});
