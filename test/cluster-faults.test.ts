@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { Connection, HandshakeError, openHandshake } from '../src/cluster/connection.ts';
-import { FrameCodec, PROTOCOL_VERSION } from '../src/cluster/protocol.ts';
+import { FrameCodec, GraphEncoder, PROTOCOL_VERSION } from '../src/cluster/protocol.ts';
 import { startScheduler, type SchedulerOptions, type SchedulerServer } from '../src/cluster/scheduler.ts';
 import { startWorker, type ClusterWorker } from '../src/cluster/worker.ts';
 import { ClusterExecutor } from '../src/executor/cluster.ts';
@@ -32,6 +32,7 @@ let procs: Spawned[] = [];
 let inProcess: ClusterWorker[] = [];
 let executors: ClusterExecutor[] = [];
 let tmp: string | null = null;
+let sockets: WebSocket[] = [];
 let pki: TestPki | null = null;
 const logs: string[] = [];
 
@@ -74,6 +75,8 @@ function finalCounter(): { onTaskState: (e: TaskStateEvent) => void; twice: () =
 }
 
 afterEach(async () => {
+  for (const ws of sockets) ws.terminate();
+  sockets = [];
   for (const ex of executors) await ex.close?.();
   executors = [];
   await Promise.all(inProcess.map((w) => w.close()));
@@ -312,5 +315,49 @@ describe('cluster faults', () => {
     expect(r.state).toBe('Success');
     expect(new Set(r.tasks.filter((t) => t.key.startsWith('pause')).map((t) => t.worker))).toEqual(new Set(['re-a', 're-b']));
     expect(ws.every((w) => (w.output.match(/connected to ws:/g) ?? []).length >= 2)).toBe(true);
+  }, 60_000);
+
+  it('a client that does not read its socket gets counts instead of events; the run is unaffected', async () => {
+    const s = await cluster({ clientHighWaterBytes: 64 * 1024 });
+    workers(s, ['slow-a']);
+    await joined(s, 1);
+    const ws = new WebSocket(s.address);
+    sockets.push(ws);
+    await new Promise((r) => ws.once('open', r));
+    const seen: { op: string; dropped?: number; state?: string }[] = [];
+    const conn = new Connection(ws, { receives: 's2c' });
+    await openHandshake(conn, { hello: { role: 'client', name: 'slow-reader', resources: {}, threads: 0, memoryLimit: 0, address: '', pid: process.pid } });
+    conn.onMessages = (ms) => {
+      for (const m of ms) {
+        if (m.op === 'eventSummary') seen.push({ op: m.op, dropped: m.dropped });
+        else if (m.op === 'runState') seen.push({ op: m.op, state: m.state });
+        else seen.push({ op: m.op });
+      }
+    };
+    // Stop reading: what the scheduler writes piles up in its socket.
+    (ws as unknown as { _socket: import('node:net').Socket })._socket.pause();
+    const spec = reduceFlow(6_000, 10, 0).spec();
+    const enc = new GraphEncoder();
+    conn.send({
+      op: 'graphBegin',
+      graph: 1,
+      name: spec.name,
+      nodeCount: spec.nodes.length,
+      referenceTasks: spec.referenceTasks,
+      modules: spec.modules,
+      parameters: {},
+      bundle: '',
+      options: { tagLimits: {}, validate: false, events: true, summaryMs: 50, resultDir: '' },
+    });
+    for (let at = 0; at < spec.nodes.length; at += 2_000) conn.send(enc.chunk(1, spec.nodes, at, Math.min(spec.nodes.length, at + 2_000)));
+    conn.send({ op: 'graphEnd', graph: 1 });
+    // The run finishes on the scheduler whether or not this client reads.
+    await waitFor('the run to finish on the scheduler', () => s.fleet.stats.completed >= spec.nodes.length - 1, 30_000);
+    (ws as unknown as { _socket: import('node:net').Socket })._socket.resume();
+    await waitFor('the finished state', () => seen.some((m) => m.op === 'runState' && m.state === 'finished'), 30_000);
+    const summaries = seen.filter((m) => m.op === 'eventSummary');
+    expect(summaries.length).toBeGreaterThan(0);
+    expect(Math.max(...summaries.map((m) => m.dropped ?? 0))).toBeGreaterThan(0);
+    conn.close('done');
   }, 60_000);
 });

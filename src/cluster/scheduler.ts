@@ -57,6 +57,11 @@ export interface SchedulerOptions {
   /** A worker silent for this many of its heartbeat intervals is lost. Default 60 (30 s at 500 ms). */
   missedHeartbeats?: number;
   maxFrameBytes?: number;
+  /**
+   * A client's socket buffering above this many bytes gets event summaries instead of
+   * per-task events until it catches up. Default 4 MiB.
+   */
+  clientHighWaterBytes?: number;
   /** Stealing check interval (ms). Default 100. */
   stealMs?: number;
   log?: (line: string) => void;
@@ -145,6 +150,7 @@ export class SchedulerServer {
   private readonly baseHeartbeat: number;
   private readonly missed: number;
   private readonly maxFrameBytes: number;
+  private readonly clientHighWater: number;
   private readonly started = now();
   private timers: NodeJS.Timeout[] = [];
   private closing = false;
@@ -155,6 +161,7 @@ export class SchedulerServer {
     this.baseHeartbeat = o.heartbeatMs ?? 500;
     this.missed = o.missedHeartbeats ?? 60;
     this.maxFrameBytes = o.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    this.clientHighWater = o.clientHighWaterBytes ?? 4 * 1024 * 1024;
     this.fleet = new Fleet({
       log: this.log,
       fetch: (w, keys) => this.fetchFrom(w, keys),
@@ -487,7 +494,7 @@ export class SchedulerServer {
   private taskEvent(g: GraphRun, e: TaskStateEvent): void {
     const conn = g.client.conn;
     if (conn.closed) return;
-    if (conn.isPaused || conn.batcher.queuedBytes > 4 * 1024 * 1024) {
+    if (conn.isPaused || conn.batcher.queuedBytes + conn.ws.bufferedAmount > this.clientHighWater) {
       g.dropped++;
       return;
     }
