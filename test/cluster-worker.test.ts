@@ -439,11 +439,11 @@ describe('cluster worker: compute', () => {
     for (const c of levels.slice(1)) expect([256, 2048]).toContain(c);
   });
 
-  it('fails calls of a non-empty bundle clearly', async () => {
+  it('fails calls of a malformed bundle hash clearly', async () => {
     const { link } = await connected();
     link.compute(2, [call(1, key('add'), [1, 2])], undefined, 'sha256-abc');
     const [o] = await link.waitOutcomes([1]);
-    expect(o).toMatchObject({ status: 'error', error: { code: 'BUNDLE_UNSUPPORTED' } });
+    expect(o).toMatchObject({ status: 'error', error: { code: 'BUNDLE_UNAVAILABLE', message: expect.stringContaining('sha256-abc') } });
   });
 
   it('runs calls on a thread pool when threads > 1', async () => {

@@ -55,6 +55,7 @@ const RUN_FLAGS: readonly FlagSpec[] = [
   { name: 'address', short: 'a', kind: 'string', value: 'ws://HOST:PORT', help: 'the scheduler of a running cluster (implies --executor cluster); without it a temporary local cluster runs the flow' },
   { name: 'workers', short: 'w', kind: 'count', value: 'N', help: 'worker processes of a temporary local cluster (implies --executor cluster; default 2)' },
   { name: 'token-file', kind: 'string', value: 'FILE', help: "the cluster's shared token (file mode 600), for --executor cluster" },
+  { name: 'bundle', kind: 'boolean', help: 'ship the flow to the cluster as a code bundle (implies --executor cluster), for workers without the code on disk' },
   { name: 'json', kind: 'string', value: 'OUT', help: 'write {state, durationMs, tasks} as JSON to the file OUT' },
   { name: 'restart', kind: 'string', value: 'RUN.json', help: 'restart an earlier run from its --json file: tasks that succeeded there load their checkpointed results instead of running' },
   { name: 'flow', short: 'f', kind: 'string', value: 'NAME', help: 'which flow to run when the file exports several (export or flow name)' },
@@ -180,8 +181,9 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
     ...(typeof flags.address === 'string' ? { address: flags.address } : {}),
     ...(typeof flags.workers === 'number' ? { workers: flags.workers } : {}),
     ...(typeof flags['token-file'] === 'string' ? { tokenFile: resolve(io.cwd, flags['token-file']) } : {}),
+    ...(flags.bundle === true ? { bundle: true } : {}),
   };
-  const clusterFlag = ['address', 'workers', 'token-file'].find((f) => flags[f] !== undefined);
+  const clusterFlag = ['address', 'workers', 'token-file', 'bundle'].find((f) => flags[f] !== undefined);
   const executorKind =
     typeof flags.executor === 'string' ? flags.executor : clusterFlag !== undefined ? 'cluster' : threads !== undefined ? 'pool' : undefined;
   if (threads !== undefined && executorKind !== 'pool' && executorKind !== 'cluster') {
@@ -353,6 +355,8 @@ interface ClusterFlags {
   workers?: number;
   /** Absolute path. */
   tokenFile?: string;
+  /** Ship the flow as a code bundle. */
+  bundle?: boolean;
 }
 
 async function makeExecutor(kind: string, threads: number | undefined, cluster: ClusterFlags): Promise<Executor> {
@@ -366,6 +370,7 @@ async function makeExecutor(kind: string, threads: number | undefined, cluster: 
       ...(cluster.workers !== undefined ? { workers: cluster.workers } : {}),
       ...(threads !== undefined ? { threads } : {}),
       ...(cluster.tokenFile !== undefined ? { token: await readTokenFile(cluster.tokenFile) } : {}),
+      ...(cluster.bundle === true ? { bundle: true } : {}),
     });
   }
   return new LocalExecutor();

@@ -28,6 +28,7 @@ import { loadTasks } from '../executor/pool-tasks.ts';
 import type { ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { GraphSpec, NodeSpec, StateHandlerFn, TaskStateName } from '../flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
+import { buildBundle, type Bundle } from './bundle.ts';
 import { Connection, HandshakeError, openHandshake } from './connection.ts';
 import {
   DEFAULT_MAX_FRAME_BYTES,
@@ -183,6 +184,8 @@ export class ClusterClient {
   private ended: ClusterConnectionError | null = null;
   private closing: Promise<void> | null = null;
   private readonly onLog: (record: LogRecord) => void;
+  /** Code bundles sent on this connection, by hash. */
+  private readonly sentBundles = new Set<string>();
 
   private constructor(
     /** The scheduler's address. */
@@ -241,7 +244,7 @@ export class ClusterClient {
    * cache validators), with the scheduler's error for a graph it rejects, and with a
    * ClusterConnectionError when the connection is lost before the run's result is in.
    */
-  runGraph(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions = {}): Promise<FlowRunResult> {
+  runGraph(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions = {}, bundle = ''): Promise<FlowRunResult> {
     if (this.ended !== null) return Promise.reject(this.ended);
     if (opts.restartFrom !== undefined) {
       return Promise.reject(
@@ -259,7 +262,7 @@ export class ClusterClient {
     }
     const run = new GraphRun(this, graph, spec, opts);
     this.graphs.set(graph, run);
-    this.postAll(graphMessages(graph, spec, chunks, parameters, run.wireOptions));
+    this.postAll(graphMessages(graph, spec, chunks, parameters, run.wireOptions, bundle));
     run.armSignal();
     return run.promise;
   }
@@ -269,7 +272,7 @@ export class ClusterClient {
    * then asks the scheduler, whose workers check too). Resolves once the scheduler is
    * ready; rejects with its error (e.g. TaskResolutionError) otherwise.
    */
-  async openSession(session: ExecutorSession): Promise<CallSession> {
+  async openSession(session: ExecutorSession, bundle = ''): Promise<CallSession> {
     if (this.ended !== null) throw this.ended;
     await loadTasks(session.modules, session.taskKeys, 'the client');
     if (this.ended !== null) throw this.ended;
@@ -283,7 +286,7 @@ export class ClusterClient {
       modules: session.modules,
       taskKeys: session.taskKeys,
       parameters: session.parameters,
-      bundle: '',
+      bundle,
     });
     try {
       await s.ready;
@@ -292,6 +295,24 @@ export class ClusterClient {
       throw err;
     }
     return s;
+  }
+
+  /**
+   * Code shipping: bundle `modules` (`buildBundle`) and send the bundle unless this
+   * connection sent it already. Resolves to its hash, for `runGraph` / `openSession`.
+   */
+  async shipBundle(modules: readonly string[]): Promise<string> {
+    const b = await buildBundle(modules);
+    this.putBundle(b);
+    return b.hash;
+  }
+
+  /** Send a bundle (once per hash per connection). The scheduler checks its hash. */
+  putBundle(b: Bundle): void {
+    if (this.ended !== null) throw this.ended;
+    if (this.sentBundles.has(b.hash)) return;
+    this.sentBundles.add(b.hash);
+    this.post({ op: 'putBundle', hash: b.hash, code: b.code });
   }
 
   /** Close the connection (runs still going on the cluster are cancelled by the scheduler). Idempotent. */
@@ -537,6 +558,7 @@ function* graphMessages(
   chunks: readonly GraphNodesMsg[],
   parameters: Record<string, unknown>,
   options: WireRunOptions,
+  bundle: string,
 ): Generator<ClientToScheduler> {
   yield {
     op: 'graphBegin',
@@ -546,7 +568,7 @@ function* graphMessages(
     referenceTasks: spec.referenceTasks,
     modules: spec.modules,
     parameters,
-    bundle: '',
+    bundle,
     options,
   };
   yield* chunks;

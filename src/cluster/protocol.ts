@@ -189,6 +189,33 @@ export interface WireRunOptions {
   readonly resultDir: string;
 }
 
+/**
+ * A code bundle (`cluster/bundle.ts`), sent before the `graphBegin` / `openSession` that
+ * names it, once per hash per connection. The scheduler checks `hash` (sha256 hex of
+ * `code`) and keeps bundles in memory by hash (bounded) for workers to fetch.
+ */
+export interface PutBundleMsg {
+  readonly op: 'putBundle';
+  readonly hash: string;
+  readonly code: Uint8Array;
+}
+
+/** A worker asks for a bundle it does not have. Replied to by `bundle` with the same id. */
+export interface GetBundleMsg {
+  readonly op: 'getBundle';
+  readonly id: number;
+  readonly hash: string;
+}
+
+/** A bundle's code, or why it cannot be had (unknown hash). */
+export interface BundleMsg {
+  readonly op: 'bundle';
+  readonly id: number;
+  readonly hash: string;
+  readonly code?: Uint8Array;
+  readonly error?: SerializedError;
+}
+
 /** Per-task outcome of a finished run, in columns (aligned by core task id). */
 export interface RunRecords {
   readonly runId: string;
@@ -601,6 +628,9 @@ export type Message =
   | WelcomeMsg
   | RefuseMsg
   | GraphBeginMsg
+  | PutBundleMsg
+  | GetBundleMsg
+  | BundleMsg
   | GraphNodesMsg
   | GraphEndMsg
   | CancelRunMsg
@@ -676,6 +706,9 @@ const SPEC = {
       options: 'object',
     },
   },
+  putBundle: { dirs: ['c2s'], fields: { hash: 'string', code: 'bytes' } },
+  getBundle: { dirs: ['w2s'], fields: { id: 'int', hash: 'string' } },
+  bundle: { dirs: ['s2w'], fields: { id: 'int', hash: 'string', code: 'bytes?', error: 'error?' } },
   graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array', options: 'array?', strings: 'array?' } },
   graphEnd: { dirs: ['c2s'], fields: { graph: 'int' } },
   cancelRun: { dirs: ['c2s'], fields: { graph: 'int' } },

@@ -21,6 +21,7 @@ import { runFlow } from '../runner/run.ts';
 import type { FlowRunResult, RunProgress, TaskStateEvent } from '../runner/types.ts';
 import type { GraphSpec, NodeSpec, TaskStateName } from '../flow/spec.ts';
 import type { Outcome } from '../executor/types.ts';
+import { BundleStore } from './bundle.ts';
 import { acceptHandshake, closeCounts, Connection, heartbeatInterval } from './connection.ts';
 import { Fleet, FleetSession, RemoteRef, remoteRefs, unpackValue, type WorkerState } from './fleet.ts';
 import {
@@ -136,6 +137,8 @@ export class SchedulerServer {
   httpUrl = '';
   port = 0;
   readonly fleet: Fleet;
+  /** Code bundles clients sent, for workers to fetch. */
+  readonly bundles = new BundleStore();
   private readonly http: Server;
   private readonly wss: WebSocketServer;
   private readonly clients = new Map<string, ClientState>();
@@ -309,6 +312,11 @@ export class SchedulerServer {
         conn.send({ op: 'whoHasReply', id: m.id, holders, addresses });
       },
       data: (m) => this.settle(this.pending, m.id, m),
+      getBundle: (m) => {
+        const code = this.bundles.fetch(m.hash);
+        if (code !== undefined) conn.send({ op: 'bundle', id: m.id, hash: m.hash, code });
+        else conn.send({ op: 'bundle', id: m.id, hash: m.hash, error: wireError(this.bundles.missing(m.hash)) });
+      },
       getData: (m) => void this.relay(w, m.id, m.keys),
       acquired: (m) => this.settle(this.pendingAcquire, m.id, { keys: m.keys, missing: m.missing }),
       stealReply: (m) => {
@@ -360,6 +368,10 @@ export class SchedulerServer {
         if (m.nodeCount < 0 || m.nodeCount > 50_000_000) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: nodeCount ${m.nodeCount} out of range`, { field: 'nodeCount' });
         c.graphs.set(m.graph, { client: c, begin: m, nodes: [], decoder: new GraphDecoder(), received: 0, session: null, abort: new AbortController(), result: null, dropped: 0 });
       },
+      putBundle: (m) => {
+        const why = this.bundles.put(m.hash, m.code);
+        if (why !== null) this.log(`client ${c.name}: code bundle ${m.hash} refused: ${why}`);
+      },
       graphNodes: (m) => {
         const g = this.graphOf(c, m.graph);
         if (g.session !== null) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: nodes after graphEnd`, { field: 'graph' });
@@ -383,6 +395,10 @@ export class SchedulerServer {
       getResults: (m) => void this.getResults(c, m.id, m.graph, m.tasks),
       openSession: (m) => {
         if (c.sessions.has(m.session)) throw new ProtocolError('BAD_MESSAGE', `session ${m.session} is already open`, { field: 'session' });
+        if (m.bundle !== '' && !this.bundles.has(m.bundle)) {
+          c.conn.send({ op: 'sessionReady', session: m.session, slots: this.fleet.slots, error: wireError(this.bundles.missing(m.bundle)) });
+          return;
+        }
         const s = this.fleet.openSession('calls', m.modules, m.bundle);
         c.sessions.set(m.session, s);
         this.runOwner.set(s.run, c);
@@ -445,6 +461,11 @@ export class SchedulerServer {
     if (g.session !== null) throw new ProtocolError('BAD_MESSAGE', `graph ${b.graph}: graphEnd twice`, { field: 'graph' });
     if (g.received !== b.nodeCount) {
       throw new ProtocolError('BAD_MESSAGE', `graph ${b.graph}: graphEnd after ${g.received} of ${b.nodeCount} nodes`, { field: 'nodeCount' });
+    }
+    if (b.bundle !== '' && !this.bundles.has(b.bundle)) {
+      c.graphs.delete(b.graph);
+      c.conn.send({ op: 'runState', graph: b.graph, state: 'rejected', error: wireError(this.bundles.missing(b.bundle)) });
+      return;
     }
     const spec: GraphSpec = { name: b.name, nodes: g.nodes, referenceTasks: b.referenceTasks.slice(), modules: b.modules.slice() };
     const session = this.fleet.openSession('graph', b.modules, b.bundle);
@@ -685,7 +706,7 @@ export class SchedulerServer {
   private async retire(w: WorkerState, reason: string): Promise<void> {
     if (w.retiring) return;
     this.log(`worker ${w.name} retiring: ${reason}`);
-    w.retiring = true;
+    this.fleet.markRetiring(w);
     // Wait (bounded) for its calls to finish.
     const deadline = now() + 10_000;
     while (w.used > 0 && now() < deadline && !w.conn.closed) await new Promise((r) => setTimeout(r, 10));

@@ -23,8 +23,11 @@
  *
  * Limits worth knowing: with one thread, tasks run on the worker's own event loop, so
  * a long synchronous task also holds up its heartbeats (use threads > 1 for those);
- * code bundles (`compute.bundle`) are not supported yet; results travel as msgpack, so
- * a Map arrives as a plain object (as through the scheduler).
+ * results travel as msgpack, so a Map arrives as a plain object (as through the scheduler).
+ *
+ * Code: a run's `modules` are imported from disk, or, when the run names a code bundle
+ * (`compute.bundle`), the bundle is fetched from the scheduler once per hash and cached
+ * on disk (`BundleCache`, see `bundle.ts`), and the run's executor imports that file.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { EventEmitter } from 'node:events';
@@ -40,6 +43,7 @@ import { resolveTask } from '../executor/pool-tasks.ts';
 import type { Executor, Outcome, OutcomeStatus, TaskCall } from '../executor/types.ts';
 import { context, type TaskContext } from '../flow/context.ts';
 import { getTask, registerTask } from '../flow/registry.ts';
+import { BundleCache, defaultBundleDir } from './bundle.ts';
 import { Connection, openHandshake } from './connection.ts';
 import { PeerClients, PeerServer, type DataReply, type PeerTls } from './peer.ts';
 import {
@@ -85,6 +89,8 @@ export interface WorkerOptions {
   inlineBytes?: number;
   /** Credits = threads × saturation. Default 2. */
   saturation?: number;
+  /** Where fetched code bundles are cached, default `os.tmpdir()/weft-bundles/<installation>` (shared by the workers of one installation). */
+  bundleDir?: string;
   /** Spill directory, default `os.tmpdir()/weft-spill-<pid>`. */
   spillDir?: string;
   /** Reconnect backoff (ms): from `minMs` (default 100) doubling to `maxMs` (default 5000), with jitter. */
@@ -341,6 +347,9 @@ class WorkerCore {
   private relayScheduled = false;
   private readonly relayPending = new Map<number, { waiters: Map<string, Resolve[]>; timer: NodeJS.Timeout }>();
   private nextRequestId = 1;
+  /** Code bundles on disk, fetched once per hash (kept across reconnects). */
+  private readonly bundles: BundleCache;
+  private readonly bundleRequests = new Map<number, { resolve: (code: Uint8Array) => void; reject: (err: Error) => void; timer: NodeJS.Timeout }>();
 
   // Outgoing batches.
   private readonly outbox = new Map<number, WireOutcome[]>();
@@ -395,6 +404,7 @@ class WorkerCore {
     const spillDir = o.spillDir ?? join(tmpdir(), `weft-spill-${process.pid}`);
     this.store = new WorkerStore({ spillDir, removeSpillDir: o.spillDir === undefined });
     this.captures = this.threads === 1;
+    this.bundles = new BundleCache(o.bundleDir ?? defaultBundleDir(), (hash) => this.fetchBundle(hash));
     this.loopDelay = monitorEventLoopDelay({ resolution: 20 });
     let resolveOnce!: () => void;
     this.connectedOnce = new Promise<void>((r) => (resolveOnce = r));
@@ -582,6 +592,11 @@ class WorkerCore {
     }
     this.relayPending.clear();
     resolveAll(this.relayQueued);
+    for (const req of this.bundleRequests.values()) {
+      clearTimeout(req.timer);
+      req.reject(new Error('the scheduler connection was lost'));
+    }
+    this.bundleRequests.clear();
     this.outbox.clear();
     this.logBuf = [];
     this.retiring = false;
@@ -652,6 +667,14 @@ class WorkerCore {
         );
       },
       data: (m) => this.onRelayData(m),
+      bundle: (m) => {
+        const req = this.bundleRequests.get(m.id);
+        if (req === undefined) return;
+        this.bundleRequests.delete(m.id);
+        clearTimeout(req.timer);
+        if (m.code !== undefined && m.error === undefined) req.resolve(m.code);
+        else req.reject(new Error(m.error !== undefined ? m.error.message : 'the scheduler sent no code'));
+      },
       acquire: (m) => this.onAcquire(m),
       steal: (m) => this.onSteal(m),
       heartbeat: () => undefined,
@@ -672,12 +695,13 @@ class WorkerCore {
         m.modules.filter((u): u is string => typeof u === 'string'),
         typeof m.flowName === 'string' ? m.flowName : `run ${m.run}`,
         typeof m.parameters === 'object' && m.parameters !== null ? m.parameters : {},
+        m.bundle,
       );
-    for (const c of calls) this.accept(rs, c, m.bundle);
+    for (const c of calls) this.accept(rs, c);
     this.schedulePump();
   }
 
-  private openRun(run: number, modules: readonly string[], flowName: string, params: Readonly<Record<string, unknown>>): RunState {
+  private openRun(run: number, modules: readonly string[], flowName: string, params: Readonly<Record<string, unknown>>, bundle: string): RunState {
     // A fresh object per run: console capture finds the run from it.
     const parameters = { ...params };
     runOfParameters.set(parameters, { worker: this, run });
@@ -685,17 +709,22 @@ class WorkerCore {
     const rs: RunState = { run, executor, status: 'starting', startError: null, queue: [], head: 0, byNode: new Map() };
     this.runs.set(run, rs);
     const gen = this.gen;
-    executor
-      .start({
-        flowName,
-        modules,
-        // No keys up front: a key that does not resolve fails only the calls that use it.
-        taskKeys: [],
-        parameters,
-        onOutcomes: (outs) => {
-          // Outside any task's console capture: this is the worker's own code.
-          captureStore.exit(() => this.onOutcomes(rs, outs));
-        },
+    // A bundle replaces the modules: its file (fetched once per hash) is what the executor imports.
+    const code = bundle === '' ? Promise.resolve(modules) : this.bundles.get(bundle).then((url) => [url]);
+    code
+      .then((mods) => {
+        if (rs.status !== 'starting') return;
+        return executor.start({
+          flowName,
+          modules: mods,
+          // No keys up front: a key that does not resolve fails only the calls that use it.
+          taskKeys: [],
+          parameters,
+          onOutcomes: (outs) => {
+            // Outside any task's console capture: this is the worker's own code.
+            captureStore.exit(() => this.onOutcomes(rs, outs));
+          },
+        });
       })
       .then(
         () => {
@@ -715,7 +744,7 @@ class WorkerCore {
   }
 
   /** Take one call: refuse it, or register it and start filling its inputs. */
-  private accept(rs: RunState, c: WireCall, bundle: string): void {
+  private accept(rs: RunState, c: WireCall): void {
     const key = dataKey(rs.run, c.id);
     if (this.retiring) {
       this.refuse(rs, c, 'lost', wireError(new WorkerLostError(`worker "${this.name}" is retiring`)));
@@ -723,15 +752,6 @@ class WorkerCore {
     }
     if (this.calls.has(key)) {
       this.refuse(rs, c, 'error', wireError(new WeftError('DUPLICATE_CALL', `task "${c.key}" (${key}) is already on worker "${this.name}"`)));
-      return;
-    }
-    if (bundle !== '') {
-      this.refuse(
-        rs,
-        c,
-        'error',
-        wireError(new WeftError('BUNDLE_UNSUPPORTED', `task "${c.key}": code bundles are not supported yet by worker "${this.name}" (modules must be file URLs on disk)`)),
-      );
       return;
     }
     if (rs.status === 'failed') {
@@ -901,6 +921,22 @@ class WorkerCore {
         timer.unref();
         this.relayPending.set(id, { waiters, timer });
       });
+    });
+  }
+
+  /** A bundle's code from the scheduler (`getBundle`); rejects when not connected, refused, or after 60 s. */
+  private fetchBundle(hash: string): Promise<Uint8Array> {
+    const conn = this.conn;
+    if (conn === null) return Promise.reject(new Error('not connected to the scheduler'));
+    const id = this.nextRequestId++;
+    return new Promise<Uint8Array>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.bundleRequests.delete(id);
+        reject(new Error(`the scheduler did not send it within ${RELAY_TIMEOUT_MS} ms`));
+      }, RELAY_TIMEOUT_MS);
+      timer.unref();
+      this.bundleRequests.set(id, { resolve, reject, timer });
+      conn.send({ op: 'getBundle', id, hash });
     });
   }
 

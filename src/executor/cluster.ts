@@ -39,6 +39,12 @@ export interface ClusterExecutorOptions {
   keepAlive?: boolean;
   /** Worker logs and task console output (default: `[worker task-key] msg` on stderr). */
   onLog?: (record: LogRecord) => void;
+  /**
+   * Code shipping: send the flow's modules to the cluster as an esbuild bundle (sent once
+   * per content hash per connection; workers fetch it once and cache it), for workers
+   * that do not have the code on disk. Default false: workers import the modules by path.
+   */
+  bundle?: boolean;
   /** Connecting and handshaking with the scheduler. Default 10 s. */
   connectTimeoutMs?: number;
 }
@@ -95,7 +101,8 @@ export class ClusterExecutor implements Executor {
       // Before connecting: a key that cannot resolve here needs no cluster to be found out.
       await loadTasks(session.modules, session.taskKeys, 'the client');
       const client = await this.connect();
-      const s = await client.openSession(session);
+      const bundle = this.options.bundle === true ? await client.shipBundle(session.modules) : '';
+      const s = await client.openSession(session, bundle);
       if (this.closed) {
         s.close();
         throw new Error('ClusterExecutor: closed while starting');
@@ -157,7 +164,8 @@ export class ClusterExecutor implements Executor {
     if (this.closed) throw new Error('ClusterExecutor is closed');
     try {
       const client = await this.connect();
-      return await client.runGraph(spec, parameters, opts);
+      const bundle = this.options.bundle === true ? await client.shipBundle(spec.modules) : '';
+      return await client.runGraph(spec, parameters, opts, bundle);
     } finally {
       if (!this.options.keepAlive) await this.release();
     }

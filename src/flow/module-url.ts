@@ -7,8 +7,14 @@
  * ESM and absolute `.ts` paths under tsx and vitest; both become file URLs. Query strings
  * and hashes (cache busting, loader namespaces) are dropped so that every thread computes
  * the same key.
+ *
+ * A frame in a code bundle a worker fetched (`…/weft-bundles/…/<sha256>.mjs`, see
+ * `cluster/bundle.ts`) is mapped through the bundle's inline source map back to the
+ * module it was written in, so that its tasks get the same keys as on the client.
  */
-import { pathToFileURL } from 'node:url';
+import { readFileSync } from 'node:fs';
+import { SourceMap } from 'node:module';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
 /** `file:///…/src/flow/`: frames in here are weft's own. */
 const OWN_DIR = new URL('.', import.meta.url).href;
@@ -47,9 +53,36 @@ export function callerModuleUrl(): string {
   for (let i = 1; i < lines.length; i++) {
     const m = FRAME_RE.exec(lines[i]!);
     if (m === null) continue;
-    const url = toModuleUrl(m[1]!);
+    let url = toModuleUrl(m[1]!);
+    if (BUNDLE_FILE_RE.test(url)) url = bundleSource(url, Number(m[2]), Number(m[3]));
     if (url === '' || url.startsWith(OWN_DIR)) continue;
     return url;
   }
   return '';
+}
+
+/** A linked code bundle in a worker's cache (`cluster/bundle.ts`). */
+const BUNDLE_FILE_RE = /\/weft-bundles\/[^/]+\/[0-9a-f]{64}\.mjs$/;
+const bundleMaps = new Map<string, SourceMap | null>();
+
+/** The original module URL of a position (1-based line and column) in a bundle file; the bundle's own URL when unknown. */
+function bundleSource(url: string, line: number, column: number): string {
+  let map = bundleMaps.get(url);
+  if (map === undefined) {
+    map = null;
+    try {
+      const text = readFileSync(fileURLToPath(url), 'utf8');
+      const at = text.lastIndexOf('//# sourceMappingURL=data:application/json;base64,');
+      if (at >= 0) {
+        const b64 = text.slice(at + '//# sourceMappingURL=data:application/json;base64,'.length).trim();
+        map = new SourceMap(JSON.parse(Buffer.from(b64, 'base64').toString('utf8')) as ConstructorParameters<typeof SourceMap>[0]);
+      }
+    } catch {
+      map = null;
+    }
+    bundleMaps.set(url, map);
+  }
+  if (map === null) return url;
+  const e = map.findEntry(line - 1, column - 1) as { originalSource?: string };
+  return typeof e.originalSource === 'string' ? toModuleUrl(e.originalSource) || url : url;
 }
