@@ -142,6 +142,8 @@ export class Fleet {
   readonly sessions = new Map<number, FleetSession>();
   private nextRun = 1;
   private flushScheduled = false;
+  /** Workers with calls waiting in `pending` (what `flush` sends). */
+  private dirty: WorkerState[] = [];
   private readonly flushCb = (): void => {
     this.flushScheduled = false;
     this.flush();
@@ -157,6 +159,10 @@ export class Fleet {
   addWorker(w: WorkerState): void {
     this.workers.set(w.id, w);
     this.order.push(w);
+    if (!w.retiring) {
+      this.creditSum += w.credits;
+      this.usedSum += w.used;
+    }
   }
 
   workersGone(): boolean {
@@ -169,20 +175,49 @@ export class Fleet {
     return s;
   }
 
+  /** Free credits of the workers that take work: running sums, O(1) (the runner asks after every outcome batch). */
   get freeCredits(): number {
-    let f = 0;
-    for (const w of this.order) if (!w.retiring && w.credits > w.used) f += w.credits - w.used;
-    return f;
+    return Math.max(0, this.creditSum - this.usedSum);
+  }
+
+  /** Credits and calls in flight summed over workers that are not retiring. */
+  private creditSum = 0;
+  private usedSum = 0;
+
+  /** One more (+1) or one fewer (-1) call in flight on a worker (ahead calls are counted apart). */
+  private use(w: WorkerState, f: Inflight, delta: 1 | -1): void {
+    if (f.ahead === true) {
+      w.aheadUsed += delta;
+      return;
+    }
+    w.used += delta;
+    if (!w.retiring) this.usedSum += delta;
+  }
+
+  /** The worker takes no more work (retirement): its credits leave the sums. */
+  markRetiring(w: WorkerState): void {
+    if (w.retiring) return;
+    w.retiring = true;
+    if (this.workers.has(w.id)) {
+      this.creditSum -= w.credits;
+      this.usedSum -= w.used;
+    }
   }
 
   setCredits(w: WorkerState, credits: number): void {
+    if (!w.retiring && this.workers.has(w.id)) this.creditSum += credits - w.credits;
     w.credits = credits;
     this.wake();
   }
 
   /** A worker died or left: its calls end 'lost', its unique results are recomputed when still needed. */
   removeWorker(w: WorkerState, reason: string): void {
-    if (!this.workers.delete(w.id)) return;
+    if (!this.workers.has(w.id)) return;
+    if (!w.retiring) {
+      this.creditSum -= w.credits;
+      this.usedSum -= w.used;
+    }
+    this.workers.delete(w.id);
     this.order = this.order.filter((x) => x !== w);
     this.cursor = 0;
     w.pending.clear();
@@ -265,8 +300,7 @@ export class Fleet {
         let l = byWorker.get(f.worker);
         if (l === undefined) byWorker.set(f.worker, (l = []));
         l.push(f.call.id);
-        if (f.ahead) f.worker.aheadUsed--;
-        else f.worker.used--;
+        this.use(f.worker, f, -1);
         if (f.call.resources !== undefined) useResources(f.worker, f.call.resources, -1);
       }
       for (const [w, ids] of byWorker) w.conn.send({ op: 'cancelTasks', run: s.run, tasks: ids });
@@ -366,14 +400,16 @@ export class Fleet {
 
   assign(f: Inflight, w: WorkerState): void {
     f.worker = w;
-    if (f.ahead) w.aheadUsed++;
-    else w.used++;
+    this.use(w, f, 1);
     if (f.call.resources !== undefined) useResources(w, f.call.resources, 1);
     this.stats.assigned++;
     const s = f.session;
     s.touched.add(w);
     let batch = w.pending.get(s.run);
-    if (batch === undefined) w.pending.set(s.run, (batch = []));
+    if (batch === undefined) {
+      if (w.pending.size === 0) this.dirty.push(w);
+      w.pending.set(s.run, (batch = []));
+    }
     batch.push(f.call);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -383,8 +419,11 @@ export class Fleet {
 
   /** Send this tick's compute messages (one per worker and run). */
   flush(): void {
-    for (const w of this.order) {
-      if (w.pending.size === 0) continue;
+    const dirty = this.dirty;
+    if (dirty.length === 0) return;
+    this.dirty = [];
+    for (const w of dirty) {
+      if (w.pending.size === 0 || !this.workers.has(w.id)) continue;
       for (const [run, calls] of w.pending) {
         const s = this.sessions.get(run);
         if (s === undefined) continue;
@@ -428,8 +467,7 @@ export class Fleet {
       const f = s.inflight.get(o.id);
       if (f === undefined || f.worker !== w || f.call.runId !== o.runId) continue; // stale (cancelled, stolen back, rescheduled)
       s.inflight.delete(o.id);
-      if (f.ahead) w.aheadUsed--;
-      else w.used--;
+      this.use(w, f, -1);
       if (f.call.resources !== undefined) useResources(w, f.call.resources, -1);
       w.executed++;
       this.stats.completed++;
@@ -631,7 +669,7 @@ export class Fleet {
     for (const id of ids) {
       const f = s.inflight.get(id);
       if (f === undefined || f.worker !== victim) continue;
-      victim.used--;
+      this.use(victim, f, -1);
       if (f.call.resources !== undefined) useResources(victim, f.call.resources, -1);
       this.stats.stolen++;
       f.worker = null;
@@ -648,7 +686,7 @@ export class Fleet {
    * peer server), then resolve. Results nobody else can take are recomputed later if needed.
    */
   async evacuate(w: WorkerState): Promise<number> {
-    w.retiring = true;
+    this.markRetiring(w);
     const unique: HeldResult[] = [];
     for (const h of w.held.values()) if (h.holders.size === 1 && !h.released && !h.session.closed) unique.push(h);
     const others = this.order.filter((x) => x !== w && !x.retiring);

@@ -14,6 +14,9 @@ export function taskNameOf(key: string): string {
   return i < 0 ? key : key.slice(i + 1);
 }
 
+/** Module URLs this thread has imported successfully. */
+const imported = new Set<string>();
+
 /** Import the run's modules, then resolve every task key (in order). Throws TaskResolutionError. */
 export async function loadTasks(modules: readonly string[], taskKeys: readonly string[], where = 'a worker'): Promise<TaskFn[]> {
   // Everything already registered here (the thread that built the flow, a warm worker):
@@ -21,8 +24,12 @@ export async function loadTasks(modules: readonly string[], taskKeys: readonly s
   // top-level await: its own import waits for its evaluation, which waits for the run.
   if (taskKeys.length > 0 && taskKeys.every((k) => getTask(k) !== undefined)) return taskKeys.map((k) => resolveTask(k, where));
   for (const url of modules) {
+    // A module imported once stays in the module map: importing it again would only cost
+    // a trip through the loader's resolve hook (off-thread under tsx), per run.
+    if (imported.has(url)) continue;
     try {
       await import(url);
+      imported.add(url);
     } catch (err) {
       const cause = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
       throw new TaskResolutionError(`module ${url} could not be imported in ${where}: ${cause}`);
