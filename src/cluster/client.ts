@@ -613,6 +613,7 @@ class GraphRun {
       events: opts.onTaskState !== undefined || handled !== null,
       summaryMs: opts.onProgress !== undefined ? Math.max(1, opts.progressIntervalMs ?? 100) : 0,
       resultDir: opts.resultDir ?? '',
+      results: opts.keepResults !== false,
     };
   }
 
@@ -706,8 +707,11 @@ class GraphRun {
     let values: unknown[] | null = null;
     try {
       if (this.opts.keepResults !== false && records.node.length > 0) {
-        const ids = Array.from({ length: records.node.length }, (_, i) => i);
-        const got = await this.client.results(this.graph, ids);
+        // Small runs: the values came with 'finished'. Else fetch them in chunks.
+        const got =
+          m.values !== undefined
+            ? { values: m.values.slice(), lost: (m.lost ?? []).slice() }
+            : await this.client.results(this.graph, Array.from({ length: records.node.length }, (_, i) => i));
         values = got.values;
         if (got.lost.length > 0) {
           process.emitWarning(`flow "${this.spec.name}": some results could not be fetched from the cluster (result() gives undefined for them): ${got.lost.join('; ')}`);

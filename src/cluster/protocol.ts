@@ -187,6 +187,8 @@ export interface WireRunOptions {
   readonly summaryMs: number;
   /** Checkpoint directory on the scheduler's machine ('' = its default). */
   readonly resultDir: string;
+  /** The client keeps results: send every task run's value with 'finished' when the run is small enough. */
+  readonly results?: boolean;
 }
 
 /**
@@ -315,6 +317,10 @@ export interface RunStateMsg {
   readonly error?: SerializedError;
   /** With 'finished': every task run's record. */
   readonly records?: RunRecords;
+  /** With 'finished', when the client asked for results and the run is small: every task run's value (aligned with records). */
+  readonly values?: readonly unknown[];
+  /** Result keys whose values were lost with their workers (their `values` slots are undefined). */
+  readonly lost?: readonly string[];
 }
 
 // ---- messages: call sessions (client ↔ scheduler) ----------------------------------
@@ -722,7 +728,10 @@ const SPEC = {
   cancelCalls: { dirs: ['c2s'], fields: { session: 'int', ids: 'array' } },
   callOutcomes: { dirs: ['s2c'], fields: { session: 'int', outcomes: 'array', workers: 'array' } },
   closeSession: { dirs: ['c2s'], fields: { session: 'int' } },
-  runState: { dirs: ['s2c'], fields: { graph: 'int', state: 'string', flowState: 'string?', error: 'error?', records: 'object?' } },
+  runState: {
+    dirs: ['s2c'],
+    fields: { graph: 'int', state: 'string', flowState: 'string?', error: 'error?', records: 'object?', values: 'array?', lost: 'array?' },
+  },
   taskEvents: { dirs: ['s2c'], fields: { graph: 'int', events: 'array' } },
   eventSummary: { dirs: ['s2c'], fields: { graph: 'int', counts: 'object', dropped: 'int' } },
   getResults: { dirs: ['c2s'], fields: { id: 'int', graph: 'int', tasks: 'array' } },

@@ -44,6 +44,11 @@ import {
 
 const now = (): number => performance.timeOrigin + performance.now();
 
+/** A finished run's values go with its 'finished' message up to this many task runs... */
+const INLINE_RESULTS_MAX_TASKS = 50_000;
+/** ...and this many bytes of results held on workers (else the client fetches them in chunks). */
+const INLINE_RESULTS_MAX_BYTES = 8 * 1024 * 1024;
+
 export interface SchedulerOptions {
   /** Default 127.0.0.1. */
   host?: string;
@@ -386,7 +391,7 @@ export class SchedulerServer {
         const g = c.graphs.get(m.graph);
         if (g === undefined) return;
         c.graphs.delete(m.graph);
-        g.abort.abort();
+        if (g.result === null) g.abort.abort(); // still running: stop it (a finished run has nothing to abort)
         if (g.session !== null) {
           this.runOwner.delete(g.session.run);
           g.session.release();
@@ -499,7 +504,22 @@ export class SchedulerServer {
           session.release();
           return;
         }
-        c.conn.send({ op: 'runState', graph: b.graph, state: 'finished', flowState: result.state, records: toRecords(result) });
+        const records = toRecords(result);
+        if (!opts.results) {
+          c.conn.send({ op: 'runState', graph: b.graph, state: 'finished', flowState: result.state, records });
+          return;
+        }
+        void this.valuesForFinish(result).then((got) => {
+          if (c.conn.closed) return;
+          c.conn.send({
+            op: 'runState',
+            graph: b.graph,
+            state: 'finished',
+            flowState: result.state,
+            records,
+            ...(got !== null ? { values: got.values, ...(got.lost.length > 0 ? { lost: got.lost } : {}) } : {}),
+          });
+        });
       },
       (err: unknown) => {
         if (!started) session.release();
@@ -554,7 +574,28 @@ export class SchedulerServer {
       c.conn.send({ op: 'results', id, values: [], error: { name: 'WeftError', message: `no finished run for graph ${graph}`, code: 'NO_SUCH_RUN' } });
       return;
     }
-    const r = g.result;
+    let got: { values: unknown[]; lost: string[] };
+    try {
+      got = await this.collect(g.result, tasks);
+    } catch (err) {
+      c.conn.send({ op: 'results', id, values: [], error: wireError(err) });
+      return;
+    }
+    const { values, lost } = got;
+    if (lost.length > 0) {
+      c.conn.send({
+        op: 'results',
+        id,
+        values,
+        error: { name: 'WorkerLostError', message: `results lost with their workers: ${lost.slice(0, 5).join(', ')}${lost.length > 5 ? ', ...' : ''}`, code: 'RESULTS_LOST' },
+      });
+      return;
+    }
+    c.conn.send({ op: 'results', id, values });
+  }
+
+  /** The values of these task runs: in hand, or fetched from the workers that hold them. */
+  private async collect(r: FlowRunResult, tasks: readonly number[]): Promise<{ values: unknown[]; lost: string[] }> {
     const values = new Array<unknown>(tasks.length);
     const remote = new Map<WorkerState, { i: number; ref: RemoteRef }[]>();
     const lost: string[] = [];
@@ -572,35 +613,41 @@ export class SchedulerServer {
         l.push({ i, ref: v });
       } else values[i] = v;
     }
+    await Promise.all(
+      [...remote].map(async ([w, items]) => {
+        const keys = [...new Set(items.map((x) => x.ref.held.key))];
+        const d = await this.fetchFrom(w, keys);
+        const byKey = new Map<string, unknown>();
+        d.keys.forEach((k, j) => byKey.set(k, unpackValue(d.values[j]!)));
+        for (const k of d.missing) lost.push(k);
+        for (const { i, ref } of items) {
+          let v = byKey.get(ref.held.key);
+          for (const p of ref.path) v = (v as unknown[] | undefined)?.[p];
+          values[i] = v;
+        }
+      }),
+    );
+    return { values, lost };
+  }
+
+  /**
+   * Every task run's value, to send with 'finished' (saves the client a round trip), when
+   * the run is small enough to go in one message; null otherwise (the client asks in chunks).
+   */
+  private async valuesForFinish(r: FlowRunResult): Promise<{ values: unknown[]; lost: string[] } | null> {
+    const n = r.tasks.length;
+    if (n > INLINE_RESULTS_MAX_TASKS) return null;
+    let held = 0;
+    for (let id = 0; id < n; id++) {
+      const v = r.taskResult?.(id);
+      if (v instanceof RemoteRef) held += v.held.nbytes;
+      if (held > INLINE_RESULTS_MAX_BYTES) return null;
+    }
     try {
-      await Promise.all(
-        [...remote].map(async ([w, items]) => {
-          const keys = [...new Set(items.map((x) => x.ref.held.key))];
-          const d = await this.fetchFrom(w, keys);
-          const byKey = new Map<string, unknown>();
-          d.keys.forEach((k, j) => byKey.set(k, unpackValue(d.values[j]!)));
-          for (const k of d.missing) lost.push(k);
-          for (const { i, ref } of items) {
-            let v = byKey.get(ref.held.key);
-            for (const p of ref.path) v = (v as unknown[] | undefined)?.[p];
-            values[i] = v;
-          }
-        }),
-      );
-    } catch (err) {
-      c.conn.send({ op: 'results', id, values: [], error: wireError(err) });
-      return;
+      return await this.collect(r, Array.from({ length: n }, (_, i) => i));
+    } catch {
+      return null;
     }
-    if (lost.length > 0) {
-      c.conn.send({
-        op: 'results',
-        id,
-        values,
-        error: { name: 'WorkerLostError', message: `results lost with their workers: ${lost.slice(0, 5).join(', ')}${lost.length > 5 ? ', ...' : ''}`, code: 'RESULTS_LOST' },
-      });
-      return;
-    }
-    c.conn.send({ op: 'results', id, values });
   }
 
   private sendCallOutcomes(c: ClientState, session: number, outs: Outcome[]): void {
