@@ -75,6 +75,8 @@ const LATENCY_EXECUTORS: readonly string[] = ['local', 'pool-warm', 'cluster-war
 const DEFAULT_SIM_TASKS = 200_000;
 const DEFAULT_SIM_WORKERS = 500;
 const DEFAULT_SIM_CREDITS = 2;
+/** What a real worker raises its credits to for tasks under 50 µs (1 thread). */
+const SIM_RAISED_CREDITS = 2048;
 /** Cluster modes: the special shapes (not graph shapes). */
 const CLUSTER_MODES = ['latency', 'scheduler'] as const;
 
@@ -102,7 +104,7 @@ function flags(): FlagSpec[] {
     { name: 'scale', kind: 'string', value: 'X', help: 'replay: multiply recorded runtimes by X instead' },
     { name: 'priority', kind: 'string', choices: ['critical-path', 'none'], help: 'replay: ready-task priorities from the trace\'s critical-path ranks (default) or none' },
     { name: 'sim-workers', kind: 'count', value: 'N', help: `--shape scheduler: simulated workers (default ${DEFAULT_SIM_WORKERS})` },
-    { name: 'credits', kind: 'count', value: 'N', help: `--shape scheduler: credits per simulated worker (default ${DEFAULT_SIM_CREDITS})` },
+    { name: 'credits', kind: 'count', value: 'N', help: `--shape scheduler: fixed credits per simulated worker (default: ${DEFAULT_SIM_CREDITS}, raised to ${SIM_RAISED_CREDITS} after the first compute, as real workers do for short tasks)` },
     { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
   ];
 }
@@ -422,7 +424,11 @@ async function schedulerMode(f: Readonly<Record<string, unknown>>, io: BenchIO):
   const nRaw = stringFlag(f, 'n');
   const tasks = nRaw === undefined ? DEFAULT_SIM_TASKS : asUsage('n', () => parseCount(nRaw));
   const simWorkers = numberFlag(f, 'sim-workers') ?? DEFAULT_SIM_WORKERS;
-  const credits = numberFlag(f, 'credits') ?? DEFAULT_SIM_CREDITS;
+  const fixed = numberFlag(f, 'credits');
+  const credits = fixed ?? DEFAULT_SIM_CREDITS;
+  // Without --credits the simulated workers behave like real ones: start at 2, then raise
+  // their credits once they have seen how short their tasks are.
+  const raiseTo = fixed === undefined ? SIM_RAISED_CREDITS : undefined;
   const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
   const bnRaw = stringFlag(f, 'baseline-n');
   const baselineN = bnRaw === undefined ? Math.max(MIN_BASELINE_N, Math.min(tasks, 1_000_000)) : asUsage('baseline-n', () => parseCount(bnRaw));
@@ -434,7 +440,16 @@ async function schedulerMode(f: Readonly<Record<string, unknown>>, io: BenchIO):
   let rows: SchedulerSimResult[] = [];
   let failed = false;
   try {
-    rows = [await c.benchSchedulerSim(runFlow, { tasks, workers: simWorkers, credits, runs, log: (line) => io.stderr.write(`${line}\n`) })];
+    rows = [
+      await c.benchSchedulerSim(runFlow, {
+        tasks,
+        workers: simWorkers,
+        credits,
+        ...(raiseTo !== undefined ? { raiseTo } : {}),
+        runs,
+        log: (line) => io.stderr.write(`${line}\n`),
+      }),
+    ];
     io.stdout.write(`\nScheduler with simulated workers (median of ${runs} runs; assignments/s counted in the scheduler's process)\n${schedulerTable(rows, baselines, c.CLUSTER_TARGETS)}\n`);
   } catch (err) {
     failed = true;
