@@ -904,11 +904,13 @@ export class SimFleet {
       const m = msgs[i]!;
       switch (m.op) {
         case 'compute': {
-          const calls = m.calls;
+          // Calls travel in columns (`cols`); the record form is read too.
+          const ids = m.cols !== undefined ? m.cols.id : m.calls.map((c) => c.id);
+          const runIds = m.cols !== undefined ? m.cols.runId : m.calls.map((c) => c.runId);
           const t = Date.now();
-          const outcomes = new Array<WireOutcome>(calls.length);
-          for (let k = 0; k < calls.length; k++) {
-            const c = calls[k]!;
+          const outcomes = new Array<WireOutcome>(ids.length);
+          for (let k = 0; k < ids.length; k++) {
+            const c = { id: ids[k]!, runId: runIds[k]! };
             outcomes[k] = { id: c.id, runId: c.runId, status: 'ok', startMs: t, endMs: t, value: null, nbytes: 1, len: -1 };
             if (this.seen !== null) {
               const key = `${m.run}:${c.id}:${c.runId}`;
@@ -917,7 +919,7 @@ export class SimFleet {
               this.seen.set(key, n + 1);
             }
           }
-          w.calls += calls.length;
+          w.calls += ids.length;
           conn.send({ op: 'outcomes', run: m.run, outcomes });
           if (!w.raised && this.raiseTo !== undefined) {
             w.raised = true;

@@ -24,7 +24,7 @@ import { WorkerLostError, type SerializedError } from '../errors.ts';
 import type { Executor, ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { ResultRefs } from '../runner/types.ts';
 import type { Connection } from './connection.ts';
-import { dataKey, type WireCall, type WireDep, type WireOutcome } from './protocol.ts';
+import { dataKey, toColumns, type WireCall, type WireDep, type WireOutcome } from './protocol.ts';
 
 const now = (): number => performance.timeOrigin + performance.now();
 
@@ -112,6 +112,10 @@ export interface Inflight {
   /** Sent ahead of its producer's outcome: waits on that worker, takes no credit. */
   ahead?: boolean;
 }
+
+/** Batches of at least this many calls place their input-less calls in runs of ROOT_RUN per worker. */
+const BIG_BATCH = 256;
+const ROOT_RUN = 32;
 
 /** A call whose inputs cannot be fetched this many times ends with that error. */
 const MAX_INPUT_RETRIES = 3;
@@ -391,11 +395,27 @@ export class Fleet {
       const i = (this.cursor + k) % n;
       const w = order[i]!;
       if (!w.retiring && w.credits > w.used) {
-        this.cursor = i + 1 === n ? 0 : i + 1;
+        // Runs of `run` consecutive calls per worker: in a big batch, neighbours in the
+        // ready order (siblings whose results one task will combine) land together.
+        if (k > 0) this.inRun = 0;
+        if (++this.inRun >= this.run) {
+          this.inRun = 0;
+          this.cursor = i + 1 === n ? 0 : i + 1;
+        } else this.cursor = i;
         return w;
       }
     }
     return null;
+  }
+
+  /** Consecutive calls without inputs placed on one worker before moving on (see `nextFree`). */
+  private run = 1;
+  private inRun = 0;
+
+  /** Set the run length for the calls of one submitted batch: 1 for small batches (spread them), longer for big ones. */
+  beginBatch(size: number): void {
+    this.run = size >= BIG_BATCH ? ROOT_RUN : 1;
+    this.inRun = 0;
   }
 
   assign(f: Inflight, w: WorkerState): void {
@@ -446,7 +466,8 @@ export class Fleet {
           run,
           modules: s.modules,
           bundle: s.bundle,
-          calls,
+          calls: [],
+          cols: toColumns(calls),
           ...(peers !== undefined ? { peers } : {}),
           ...(first && s.session !== null ? { flowName: s.session.flowName, parameters: s.session.parameters } : {}),
         });
@@ -798,6 +819,7 @@ export class FleetSession implements Executor {
 
   submit(calls: TaskCall[]): void {
     const fleet = this.fleet;
+    fleet.beginBatch(calls.length);
     for (let i = 0; i < calls.length; i++) {
       const f: Inflight = { session: this, call: this.toWire(calls[i]!), worker: null, remake: null, blockedOn: 0, inputRetries: 0 };
       this.inflight.set(f.call.id, f);

@@ -453,6 +453,116 @@ export interface WireCall extends TaskCall {
   readonly ret?: boolean;
 }
 
+/**
+ * A batch of calls in columns: one array per field and each task key once, so a batch
+ * of thousands encodes as a few arrays instead of thousands of records.
+ */
+export interface CallColumns {
+  readonly taskKeys: readonly string[];
+  readonly id: readonly number[];
+  readonly runId: readonly number[];
+  /** Index into `taskKeys`. */
+  readonly taskKey: readonly number[];
+  readonly key: readonly string[];
+  readonly args: readonly (readonly unknown[])[];
+  readonly timeoutMs: readonly number[];
+  readonly mapIndex: readonly number[];
+  readonly attempt: readonly number[];
+  readonly loopCount: readonly number[];
+  /** Per call: null, or the fields only some calls carry. */
+  readonly more: readonly (CallExtras | null)[];
+}
+
+export interface CallExtras {
+  readonly loopResult?: unknown;
+  readonly deps?: readonly WireDep[];
+  readonly ret?: boolean;
+  readonly resources?: Readonly<Record<string, number>>;
+}
+
+/** Calls → columns (`ComputeMsg.cols`). */
+export function toColumns(calls: readonly WireCall[]): CallColumns {
+  const n = calls.length;
+  const taskKeys: string[] = [];
+  const keyIndex = new Map<string, number>();
+  const id = new Array<number>(n);
+  const runId = new Array<number>(n);
+  const taskKey = new Array<number>(n);
+  const key = new Array<string>(n);
+  const args = new Array<readonly unknown[]>(n);
+  const timeoutMs = new Array<number>(n);
+  const mapIndex = new Array<number>(n);
+  const attempt = new Array<number>(n);
+  const loopCount = new Array<number>(n);
+  const more = new Array<CallExtras | null>(n);
+  for (let i = 0; i < n; i++) {
+    const c = calls[i]!;
+    let k = keyIndex.get(c.taskKey);
+    if (k === undefined) {
+      k = taskKeys.length;
+      taskKeys.push(c.taskKey);
+      keyIndex.set(c.taskKey, k);
+    }
+    id[i] = c.id;
+    runId[i] = c.runId;
+    taskKey[i] = k;
+    key[i] = c.key;
+    args[i] = c.args;
+    timeoutMs[i] = c.timeoutMs;
+    mapIndex[i] = c.mapIndex;
+    attempt[i] = c.attempt;
+    loopCount[i] = c.loopCount;
+    if (c.loopResult === undefined && c.deps === undefined && c.ret === undefined && c.resources === undefined) more[i] = null;
+    else {
+      const x: { -readonly [K in keyof CallExtras]: CallExtras[K] } = {};
+      if (c.loopResult !== undefined) x.loopResult = c.loopResult;
+      if (c.deps !== undefined) x.deps = c.deps;
+      if (c.ret !== undefined) x.ret = c.ret;
+      if (c.resources !== undefined) x.resources = c.resources;
+      more[i] = x;
+    }
+  }
+  return { taskKeys, id, runId, taskKey, key, args, timeoutMs, mapIndex, attempt, loopCount, more };
+}
+
+/** Columns → calls. Throws ProtocolError BAD_MESSAGE for columns of different lengths or wrong types. */
+export function fromColumns(c: CallColumns): WireCall[] {
+  const bad = (field: string, expected: string): never => {
+    throw new ProtocolError('BAD_MESSAGE', `compute: column "${field}" must be ${expected}`, { op: 'compute', field, expected });
+  };
+  if (typeof c !== 'object' || c === null) bad('cols', 'an object');
+  const cols = ['taskKeys', 'id', 'runId', 'taskKey', 'key', 'args', 'timeoutMs', 'mapIndex', 'attempt', 'loopCount', 'more'] as const;
+  for (const f of cols) if (!Array.isArray(c[f])) bad(f, 'an array');
+  const n = c.id.length;
+  for (const f of cols) if (f !== 'taskKeys' && c[f].length !== n) bad(f, `an array of ${n} (as long as "id")`);
+  const out = new Array<WireCall>(n);
+  for (let i = 0; i < n; i++) {
+    const tk = c.taskKeys[c.taskKey[i]!];
+    if (typeof tk !== 'string') bad(`taskKey[${i}]`, 'an index into "taskKeys"');
+    const x = c.more[i];
+    if (x !== null && (typeof x !== 'object' || Array.isArray(x))) bad(`more[${i}]`, 'null or an object');
+    const call: { -readonly [K in keyof WireCall]: WireCall[K] } = {
+      id: c.id[i]!,
+      runId: c.runId[i]!,
+      taskKey: tk as string,
+      key: c.key[i]!,
+      args: c.args[i] as unknown[],
+      timeoutMs: c.timeoutMs[i]!,
+      mapIndex: c.mapIndex[i]!,
+      attempt: c.attempt[i]!,
+      loopCount: c.loopCount[i]!,
+      loopResult: x?.loopResult,
+    };
+    if (x != null) {
+      if (x.deps !== undefined) call.deps = x.deps;
+      if (x.ret !== undefined) call.ret = x.ret;
+      if (x.resources !== undefined) call.resources = x.resources;
+    }
+    out[i] = call;
+  }
+  return out;
+}
+
 /** A batch of calls for one run. Never more than the worker's credits. */
 export interface ComputeMsg {
   readonly op: 'compute';
@@ -460,7 +570,10 @@ export interface ComputeMsg {
   readonly run: number;
   readonly modules: readonly string[];
   readonly bundle: string;
+  /** The calls as records; empty when they travel in `cols`. */
   readonly calls: readonly WireCall[];
+  /** The calls in columns (what the scheduler sends). */
+  readonly cols?: CallColumns;
   /** Peer addresses (worker id → ws://host:port) of holders named in this batch's deps. */
   readonly peers?: Readonly<Record<string, string>>;
   /** With the first compute of a run on a worker: what `context()` reports in its tasks. */
@@ -738,7 +851,7 @@ const SPEC = {
   results: { dirs: ['s2c'], fields: { id: 'int', values: 'array', error: 'error?' } },
   compute: {
     dirs: ['s2w'],
-    fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array', peers: 'object?', flowName: 'string?', parameters: 'object?' },
+    fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array', cols: 'object?', peers: 'object?', flowName: 'string?', parameters: 'object?' },
   },
   outcomes: { dirs: ['w2s'], fields: { run: 'int', outcomes: 'array' } },
   credits: { dirs: ['w2s'], fields: { credits: 'int' } },

@@ -50,6 +50,7 @@ import {
   dataKey,
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
+  fromColumns,
   ProtocolError,
   wireError,
   type AcquireMsg,
@@ -684,7 +685,7 @@ class WorkerCore {
   }
 
   private onCompute(m: ComputeMsg): void {
-    const calls = m.calls.map((c, i) => checkCall(c, i));
+    const calls = (m.cols !== undefined ? fromColumns(m.cols) : m.calls).map((c, i) => checkCall(c, i));
     if (m.peers !== undefined) {
       for (const [id, addr] of Object.entries(m.peers)) if (typeof addr === 'string') this.peerAddrs.set(id, addr);
     }
@@ -705,7 +706,9 @@ class WorkerCore {
     // A fresh object per run: console capture finds the run from it.
     const parameters = { ...params };
     runOfParameters.set(parameters, { worker: this, run });
-    const executor: Executor = this.threads === 1 ? new LocalExecutor() : new PoolExecutor({ threads: this.threads });
+    // Inline mode yields every millisecond: outcomes stream back (and credits return)
+    // while the rest of a deep queue runs.
+    const executor: Executor = this.threads === 1 ? new LocalExecutor({ sliceMs: 1 }) : new PoolExecutor({ threads: this.threads });
     const rs: RunState = { run, executor, status: 'starting', startError: null, queue: [], head: 0, byNode: new Map() };
     this.runs.set(run, rs);
     const gen = this.gen;

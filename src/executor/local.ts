@@ -25,6 +25,12 @@ import type { Executor, ExecutorSession, Outcome, OutcomeStatus, TaskCall } from
 export interface LocalExecutorOptions {
   /** Calls accepted at once (`freeSlots()`); default 1024. */
   batchSize?: number;
+  /**
+   * Yield to the event loop after running calls for this long (ms), delivering the
+   * outcomes so far; 0 (default) drains the whole queue in one go. A cluster worker sets
+   * it so that outcomes stream back while the rest of a deep queue runs.
+   */
+  sliceMs?: number;
 }
 
 type Mutable<T> = { -readonly [K in keyof T]: T[K] };
@@ -46,6 +52,9 @@ export class LocalExecutor implements Executor {
   readonly kind = 'local';
   readonly workers = 1;
   private readonly capacity: number;
+  private readonly sliceMs: number;
+  /** The last drain stopped at its time slice with calls still queued. */
+  private sliced = false;
   private session: ExecutorSession | null = null;
   private ctx: Mutable<TaskContext> | null = null;
   private closed = false;
@@ -69,6 +78,7 @@ export class LocalExecutor implements Executor {
   };
 
   constructor(options: LocalExecutorOptions = {}) {
+    this.sliceMs = options.sliceMs ?? 0;
     const n = options.batchSize ?? 1024;
     if (!Number.isInteger(n) || n < 1) throw new RangeError(`LocalExecutor: batchSize must be a positive integer, got ${String(n)}`);
     this.capacity = n;
@@ -157,6 +167,12 @@ export class LocalExecutor implements Executor {
       this.drainOnce();
       // Whatever ends the loop, calls still queued keep the drain `submit` scheduled.
       if (this.running !== null || this.head >= this.queue.length || this.closed) return;
+      if (this.sliced) {
+        // Out of time: let the event loop send what was delivered, then go on.
+        this.sliced = false;
+        this.schedule();
+        return;
+      }
       if (round >= RE_DRAIN_ROUNDS || performance.now() > until) {
         this.schedule();
         return;
@@ -172,6 +188,7 @@ export class LocalExecutor implements Executor {
     const q = this.queue;
     const ctx = this.ctx!;
     let t0 = performance.now();
+    const sliceEnd = this.sliceMs > 0 ? t0 + this.sliceMs : Infinity;
     while (this.running === null && this.head < q.length && !this.closed) {
       const c = q[this.head];
       q[this.head++] = null;
@@ -227,6 +244,10 @@ export class LocalExecutor implements Executor {
         });
       }
       t0 = t1;
+      if (t1 > sliceEnd) {
+        this.sliced = true;
+        break;
+      }
     }
     if (this.head === q.length) {
       this.queue = [];
