@@ -282,6 +282,18 @@ async function worker(s: FakeScheduler | string, o: Partial<WorkerOptions> = {})
 }
 
 /** A double with one connected worker. */
+/** Two workers on a double; the first holds `1:1` (a 100-element list). */
+async function twoWorkersOneHeld(): Promise<{ w1: ClusterWorker; l1: Link; l2: Link }> {
+  const s = await scheduler();
+  const w1 = await worker(s);
+  const l1 = await s.nextLink(0);
+  await worker(s);
+  const l2 = await s.nextLink(1);
+  l1.compute(1, [call(1, T + 'range', [100])]);
+  await l1.waitOutcomes([1]);
+  return { w1, l1, l2 };
+}
+
 async function connected(o: Partial<WorkerOptions> = {}, so: { heartbeatMs?: number } = {}): Promise<{ s: FakeScheduler; w: ClusterWorker; link: Link }> {
   const s = await scheduler(so);
   const w = await worker(s, o);
@@ -538,13 +550,7 @@ describe('cluster worker: inputs', () => {
   });
 
   it('acquires results from a peer and holds them as its own', async () => {
-    const s = await scheduler();
-    const w1 = await worker(s);
-    const l1 = await s.nextLink(0);
-    await worker(s);
-    const l2 = await s.nextLink(1);
-    l1.compute(1, [call(1, T + 'range', [100])]);
-    await l1.waitOutcomes([1]);
+    const { w1, l2 } = await twoWorkersOneHeld();
     l2.send({ op: 'acquire', id: 5, from: { '1:1': w1.address, '1:77': w1.address, '1:78': '%%' } });
     const acq = await l2.first('acquired');
     expect(acq).toMatchObject({ id: 5, keys: ['1:1'], missing: ['1:77', '1:78'] });
@@ -770,13 +776,7 @@ describe('cluster worker: logs, memory, retirement', () => {
   });
 
   it('retire(): asks the scheduler, keeps serving peers meanwhile, and closes on its answer', async () => {
-    const s = await scheduler();
-    const w1 = await worker(s);
-    const l1 = await s.nextLink(0);
-    await worker(s);
-    const l2 = await s.nextLink(1);
-    l1.compute(1, [call(1, T + 'range', [100])]);
-    await l1.waitOutcomes([1]);
+    const { w1, l1, l2 } = await twoWorkersOneHeld();
     const leaving = w1.retire('SIGTERM');
     const msg = await l1.first('retire');
     expect(msg.reason).toBe('SIGTERM');

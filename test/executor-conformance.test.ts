@@ -8,8 +8,8 @@
  * the capability table below: nothing is reported as skipped.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { sharedCluster } from './helpers/shared-cluster.ts';
 import { ClusterExecutor, LocalExecutor, PoolExecutor, type Executor, type Outcome, type TaskCall } from '../src/executor/index.ts';
-import { LocalCluster } from '../src/cluster/local-cluster.ts';
 import { SkipSignal, TaskResolutionError, deserializeError, type SerializedError } from '../src/errors.ts';
 import { MODULE, key } from './fixtures/exec-tasks.ts';
 
@@ -41,11 +41,7 @@ interface Factory {
  * One cluster for the whole file: a scheduler and two worker processes of two threads
  * each. Unref'd, so the handle checks below see only what an executor leaves behind.
  */
-let cluster: LocalCluster | null = null;
-const clusterAddress = (): string => {
-  if (cluster === null) throw new Error('the test cluster is not running');
-  return cluster.address;
-};
+const cluster = sharedCluster();
 
 const factories: Factory[] = [
   { name: 'LocalExecutor', mode: 'local', caps: ['sharedMemory'], make: () => new LocalExecutor() },
@@ -76,15 +72,10 @@ const factories: Factory[] = [
     // session on the same workers) is covered in test/cluster-client.test.ts.
     caps: ['wire', 'crash'],
     workerName: /^local-\d+$/,
-    make: () => new ClusterExecutor({ address: clusterAddress() }),
-    makeWarm: () => new ClusterExecutor({ address: clusterAddress(), keepAlive: true }),
-    setup: async () => {
-      cluster = await LocalCluster.start({ workers: 2, threads: 2, unref: true });
-    },
-    teardown: async () => {
-      await cluster?.close();
-      cluster = null;
-    },
+    make: () => new ClusterExecutor({ address: cluster.address() }),
+    makeWarm: () => new ClusterExecutor({ address: cluster.address(), keepAlive: true }),
+    setup: cluster.setup,
+    teardown: cluster.teardown,
   },
 ];
 

@@ -13,9 +13,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sharedCluster } from './helpers/shared-cluster.ts';
 import {
   ClusterExecutor,
-  LocalCluster,
   LocalExecutor,
   PoolExecutor,
   flatten,
@@ -101,11 +101,7 @@ interface ExecutorCase {
 }
 
 /** One cluster for the whole file: a scheduler and two worker processes of two threads each. */
-let cluster: LocalCluster | null = null;
-const clusterAddress = (): string => {
-  if (cluster === null) throw new Error('the test cluster is not running');
-  return cluster.address;
-};
+const cluster = sharedCluster();
 
 const EXECUTORS: ExecutorCase[] = [
   {
@@ -125,15 +121,10 @@ const EXECUTORS: ExecutorCase[] = [
   },
   {
     name: 'ClusterExecutor 2 workers × 2 threads',
-    make: () => new ClusterExecutor({ address: clusterAddress() }),
+    make: () => new ClusterExecutor({ address: cluster.address() }),
     caps: { stopsSyncTasks: true, survivesWorkerExit: true, sendsResults: true, parallel: true, sharedMemory: false, negativeZero: false },
-    setup: async () => {
-      cluster = await LocalCluster.start({ workers: 2, threads: 2, unref: true });
-    },
-    teardown: async () => {
-      await cluster?.close();
-      cluster = null;
-    },
+    setup: cluster.setup,
+    teardown: cluster.teardown,
   },
 ];
 

@@ -136,6 +136,8 @@ export interface FleetOptions {
   fetch(worker: WorkerState, keys: readonly string[]): Promise<{ keys: readonly string[]; values: readonly Uint8Array[]; missing: readonly string[] }>;
   /** Ask a worker to fetch results from peers and keep them. */
   acquire(worker: WorkerState, from: Record<string, string>): Promise<{ keys: readonly string[]; missing: readonly string[] }>;
+  /** A worker ran out of calls: look for work to steal for it now (not at the next periodic check). */
+  onIdle?(worker: WorkerState): void;
 }
 
 export class Fleet {
@@ -528,6 +530,7 @@ export class Fleet {
     }
     if (batch !== null) s.deliver(batch);
     this.wake();
+    if (w.used === 0 && !w.retiring) this.options.onIdle?.(w);
   }
 
   /** The outcome of a recomputation. */

@@ -21,6 +21,7 @@ import { Packr, Unpackr } from 'msgpackr';
 import { deserializeError, registerErrorClass, serializeError, WeftError } from '../errors.ts';
 import type { SerializedError } from '../errors.ts';
 import { inlineFn, inlineOpOf } from '../flow/inline.ts';
+import { STATE_NAMES } from '../scheduler/states.ts';
 import type { InlineOp } from '../flow/inline.ts';
 import type {
   ArgBinding,
@@ -243,23 +244,8 @@ export interface RunRecords {
   readonly stories: readonly (readonly [number, readonly string[]])[];
 }
 
-/** Task state names in the order `RunRecords.state_` indexes them. */
-export const STATE_ORDER: readonly TaskStateName[] = [
-  'Pending',
-  'Scheduled',
-  'Running',
-  'Retrying',
-  'Looped',
-  'Success',
-  'Cached',
-  'Mapped',
-  'Skipped',
-  'Failed',
-  'TimedOut',
-  'TriggerFailed',
-  'Cancelled',
-  'Paused',
-];
+/** Task state names in the order `RunRecords.state_` indexes them: the core's names, each once. */
+export const STATE_ORDER: readonly TaskStateName[] = [...new Set(STATE_NAMES)];
 
 /** A chunk of nodes, in id order: `nodes[i].id === offset + i`. */
 export interface GraphNodesMsg {

@@ -68,7 +68,7 @@ export interface SchedulerOptions {
    * per-task events until it catches up. Default 4 MiB.
    */
   clientHighWaterBytes?: number;
-  /** Stealing check interval (ms). Default 100. */
+  /** Stealing check interval (ms; a worker that runs out of calls is also checked at once). Default 100. */
   stealMs?: number;
   log?: (line: string) => void;
 }
@@ -162,6 +162,7 @@ export class SchedulerServer {
   private readonly started = now();
   private timers: NodeJS.Timeout[] = [];
   private closing = false;
+  private stealSoon = false;
   private completedAt: { t: number; n: number }[] = [];
 
   constructor(private readonly o: SchedulerOptions) {
@@ -174,6 +175,15 @@ export class SchedulerServer {
       log: this.log,
       fetch: (w, keys) => this.fetchFrom(w, keys),
       acquire: (w, from) => this.acquireOn(w, from),
+      onIdle: () => {
+        // After this tick's outcomes have been dispatched on: only then is the worker really idle.
+        if (this.stealSoon) return;
+        this.stealSoon = true;
+        setImmediate(() => {
+          this.stealSoon = false;
+          this.steal();
+        });
+      },
     });
     const handler = (req: IncomingMessage, res: ServerResponse): void => this.httpRequest(req, res);
     this.http =

@@ -112,6 +112,8 @@ export interface WorkerEvents {
 
 /** Credits and submission policy. */
 const FAST_TASK_MS = 1;
+/** Estimated work (ms per thread) handed to the executor at once for short tasks (see `handLimit`). */
+const HANDED_MS = 2;
 /** Weight of a new duration sample in the per-task moving average. */
 const EMA = 0.3;
 /** Memory thresholds, as fractions of `memoryLimit` (Dask's target / spill / pause). */
@@ -975,9 +977,17 @@ class WorkerCore {
     });
   }
 
-  private isFast(taskKey: string): boolean {
+  /**
+   * How many calls may be in the executor's hands at once: `threads` for tasks of
+   * unknown or long duration; for short ones, enough for about HANDED_MS of estimated
+   * work per thread (thousands of µs-tasks in one batch). The rest stays in this
+   * worker's queue, where the scheduler can still steal it — so a mis-estimate (one task
+   * key whose calls vary in length) strands at most a couple of milliseconds of work.
+   */
+  private handLimit(taskKey: string): number {
     const d = this.durations.get(taskKey);
-    return d !== undefined && d < FAST_TASK_MS;
+    if (d === undefined || d >= FAST_TASK_MS) return this.threads;
+    return this.threads * Math.max(1, Math.ceil(HANDED_MS / Math.max(d, 0.0005)));
   }
 
   /**
@@ -999,7 +1009,7 @@ class WorkerCore {
           rs.head++;
           continue;
         }
-        if (!this.isFast(wc.call.taskKey) && this.executing >= this.threads) break;
+        if (this.executing >= this.handLimit(wc.call.taskKey)) break;
         rs.head++;
         wc.state = 'executing';
         this.executing++;
