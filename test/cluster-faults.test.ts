@@ -336,7 +336,8 @@ describe('cluster faults', () => {
     };
     // Stop reading: what the scheduler writes piles up in its socket.
     (ws as unknown as { _socket: import('node:net').Socket })._socket.pause();
-    const spec = reduceFlow(6_000, 10, 0).spec();
+    // Enough events (~15 MB) to fill the loopback socket's kernel buffers, however they autotune.
+    const spec = reduceFlow(100_000, 10, 0).spec();
     const enc = new GraphEncoder();
     conn.send({
       op: 'graphBegin',
@@ -352,7 +353,7 @@ describe('cluster faults', () => {
     for (let at = 0; at < spec.nodes.length; at += 2_000) conn.send(enc.chunk(1, spec.nodes, at, Math.min(spec.nodes.length, at + 2_000)));
     conn.send({ op: 'graphEnd', graph: 1 });
     // The run finishes on the scheduler whether or not this client reads.
-    await waitFor('the run to finish on the scheduler', () => s.fleet.stats.completed >= spec.nodes.length - 1, 30_000);
+    await waitFor('the run to finish on the scheduler', () => s.fleet.stats.completed >= spec.nodes.length - 1, 60_000);
     (ws as unknown as { _socket: import('node:net').Socket })._socket.resume();
     await waitFor('the finished state', () => seen.some((m) => m.op === 'runState' && m.state === 'finished'), 30_000);
     const summaries = seen.filter((m) => m.op === 'eventSummary');

@@ -60,13 +60,17 @@ export interface WorkerState {
   executed: number;
 }
 
+/** Shared empty lists (most held results never get waiters; most handles have no path). */
+const NO_WAITERS: Inflight[] = [];
+const NO_PATH: readonly number[] = Object.freeze([]);
+
 /** A result held on workers. */
 export class HeldResult {
   readonly holders = new Set<WorkerState>();
   /** Recomputing after its last holder died. */
   recomputing = false;
   /** Calls to place once it is back. */
-  waiters: Inflight[] = [];
+  waiters: Inflight[] = NO_WAITERS;
   released = false;
   constructor(
     readonly key: string,
@@ -82,7 +86,7 @@ export class HeldResult {
 export class RemoteRef {
   constructor(
     readonly held: HeldResult,
-    readonly path: readonly number[] = [],
+    readonly path: readonly number[] = NO_PATH,
   ) {}
 }
 
@@ -539,7 +543,7 @@ export class Fleet {
     h.recomputing = false;
     this.stats.recomputed++;
     const waiters = h.waiters;
-    h.waiters = [];
+    h.waiters = NO_WAITERS;
     if (o.status === 'ok' && !('value' in o)) {
       h.nbytes = o.nbytes;
       h.holders.add(w);
@@ -570,7 +574,7 @@ export class Fleet {
     const h = x.remake!;
     h.recomputing = false;
     const ws = h.waiters;
-    h.waiters = [];
+    h.waiters = NO_WAITERS;
     for (const y of ws) {
       if (y.remake !== null) this.remadeFailed(y, err);
       else {
@@ -607,7 +611,8 @@ export class Fleet {
       const h = f.session.heldFor(d.key);
       if (h === undefined || h.holders.size > 0) continue;
       n++;
-      h.waiters.push(f);
+      if (h.waiters === NO_WAITERS) h.waiters = [f];
+      else h.waiters.push(f);
       if (!h.recomputing) this.recompute(h);
     }
     f.blockedOn = n;
