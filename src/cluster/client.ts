@@ -56,6 +56,9 @@ const now = (): number => performance.timeOrigin + performance.now();
 const CHUNK_NODES = 2_000;
 /** Estimated bytes per `graphNodes` message. */
 const CHUNK_BYTES = 4 * 1024 * 1024;
+/** A finished run's release waits at most this long for a frame to ride with. */
+const RELEASE_DELAY_MS = 50;
+
 /** Task ids per `getResults` request, and requests in flight at once. */
 const RESULTS_CHUNK = 10_000;
 const RESULTS_IN_FLIGHT = 4;
@@ -318,6 +321,7 @@ export class ClusterClient {
   /** Close the connection (runs still going on the cluster are cancelled by the scheduler). Idempotent. */
   close(): Promise<void> {
     if (this.closing !== null) return this.closing;
+    this.flushReleases();
     const ws = this.conn.ws;
     this.closing = new Promise<void>((resolve) => {
       if (ws.readyState === WebSocket.CLOSED) {
@@ -348,8 +352,40 @@ export class ClusterClient {
   /** Queue a lazy sequence of messages. */
   postAll(msgs: Iterator<ClientToScheduler>): void {
     if (this.ended !== null) return;
+    this.flushReleases();
     this.outbox.push(msgs);
     this.pump();
+  }
+
+  /**
+   * Release a finished run on the scheduler. Not urgent: it rides with the next message
+   * (the next graph), or goes on its own after RELEASE_DELAY_MS — every frame costs a
+   * write that wakes the scheduler, and back-to-back small runs would pay it each time.
+   */
+  release(graph: number): void {
+    if (this.ended !== null) return;
+    this.releases.push(graph);
+    if (this.releaseTimer === null) {
+      this.releaseTimer = setTimeout(() => {
+        this.releaseTimer = null;
+        this.flushReleases();
+      }, RELEASE_DELAY_MS);
+      this.releaseTimer.unref();
+    }
+  }
+
+  private releases: number[] = [];
+  private releaseTimer: NodeJS.Timeout | null = null;
+
+  private flushReleases(): void {
+    if (this.releaseTimer !== null) {
+      clearTimeout(this.releaseTimer);
+      this.releaseTimer = null;
+    }
+    if (this.releases.length === 0) return;
+    const gs = this.releases;
+    this.releases = [];
+    for (const graph of gs) this.post({ op: 'releaseRun', graph });
   }
 
   /**
@@ -638,7 +674,7 @@ class GraphRun {
       case 'finished':
         if (m.records === undefined) {
           this.client.forgetGraph(this.graph);
-          this.client.post({ op: 'releaseRun', graph: this.graph });
+          this.client.release(this.graph);
           this.fail(new ProtocolError('BAD_MESSAGE', 'runState "finished" without records', { op: 'runState', field: 'records' }));
           return;
         }
@@ -718,7 +754,7 @@ class GraphRun {
         }
       }
     } catch (err) {
-      this.client.post({ op: 'releaseRun', graph: this.graph });
+      this.client.release(this.graph);
       this.client.forgetGraph(this.graph);
       const why = err instanceof Error ? err.message : String(err);
       this.reject(
@@ -730,7 +766,7 @@ class GraphRun {
       );
       return;
     }
-    this.client.post({ op: 'releaseRun', graph: this.graph });
+    this.client.release(this.graph);
     this.client.forgetGraph(this.graph);
     let result: FlowRunResult;
     try {
@@ -751,7 +787,7 @@ class GraphRun {
   /** A listener threw: cancel and drop the run on the scheduler, reject with the error. */
   private abandon(err: unknown): void {
     this.client.post({ op: 'cancelRun', graph: this.graph });
-    this.client.post({ op: 'releaseRun', graph: this.graph });
+    this.client.release(this.graph);
     this.client.forgetGraph(this.graph);
     this.fail(err instanceof Error ? err : new Error(String(err)));
   }

@@ -56,6 +56,8 @@ export interface WorkerState {
   readonly knownPeers: Set<string>;
   /** Calls waiting to go out in this tick's compute message, per run. */
   readonly pending: Map<number, WireCall[]>;
+  /** Result keys (or `run:*`) to release with the next frame to it. */
+  releases: string[];
   metrics: Record<string, number>;
   executed: number;
 }
@@ -116,6 +118,9 @@ export interface Inflight {
   /** Sent ahead of its producer's outcome: waits on that worker, takes no credit. */
   ahead?: boolean;
 }
+
+/** A released run's `release` waits at most this long for a compute to ride with. */
+const RELEASE_DELAY_MS = 50;
 
 /** Batches of at least this many calls place their input-less calls in runs of ROOT_RUN per worker. */
 const BIG_BATCH = 256;
@@ -325,10 +330,35 @@ export class Fleet {
   releaseSession(s: FleetSession): void {
     this.sessions.delete(s.run);
     for (const w of this.order) {
-      for (const [k, h] of w.held) if (h.session === s) w.held.delete(k);
-      if (s.touched.has(w)) w.conn.send({ op: 'release', keys: [`${s.run}:*`] });
+      if (s.held.size > 0) for (const [k, h] of w.held) if (h.session === s) w.held.delete(k);
+      if (s.touched.has(w)) this.releaseLater(w, `${s.run}:*`);
     }
     s.touched.clear();
+  }
+
+  /**
+   * Releases are not urgent: they go with the worker's next compute (same frame), or on
+   * their own after RELEASE_DELAY_MS. Every frame is a write that wakes the worker, and
+   * back-to-back small runs would pay one per run.
+   */
+  private releaseLater(w: WorkerState, key: string): void {
+    w.releases.push(key);
+    if (this.releaseTimer === null) {
+      this.releaseTimer = setTimeout(() => {
+        this.releaseTimer = null;
+        for (const x of this.order) this.sendReleases(x);
+      }, RELEASE_DELAY_MS);
+      this.releaseTimer.unref();
+    }
+  }
+
+  private releaseTimer: NodeJS.Timeout | null = null;
+
+  private sendReleases(w: WorkerState): void {
+    if (w.releases.length === 0) return;
+    const keys = w.releases;
+    w.releases = [];
+    w.conn.send({ op: 'release', keys });
   }
 
   // ---- placement ----------------------------------------------------------------
@@ -450,6 +480,7 @@ export class Fleet {
     this.dirty = [];
     for (const w of dirty) {
       if (w.pending.size === 0 || !this.workers.has(w.id)) continue;
+      this.sendReleases(w); // released runs first, in the same frame
       for (const [run, calls] of w.pending) {
         const s = this.sessions.get(run);
         if (s === undefined) continue;

@@ -300,6 +300,7 @@ export class SchedulerServer {
       held: new Map(),
       knownPeers: new Set(),
       pending: new Map(),
+      releases: [],
       metrics: {},
       executed: 0,
     };
@@ -488,7 +489,8 @@ export class SchedulerServer {
     session.needsValue = valueNeeds(spec);
     session.pumpRunner = () => session.session?.resume?.();
     this.runOwner.set(session.run, c);
-    c.conn.send({ op: 'runState', graph: b.graph, state: 'accepted' });
+    // (No 'accepted' message: the client learns the outcome from 'finished' or 'rejected';
+    // one frame less per run.)
     const opts = b.options;
     const onTaskState = opts.events ? (e: TaskStateEvent): void => this.taskEvent(g, e) : undefined;
     const onProgress = opts.summaryMs > 0 ? (p: RunProgress): void => this.summary(g, p) : undefined;
