@@ -111,6 +111,16 @@ export interface WorkerEvents {
 }
 
 /** Credits and submission policy. */
+/** Marks a result whose size is known without packing it (see `finish`). */
+const PRIMITIVE = new Uint8Array(0);
+
+/** msgpack size of a small primitive (upper bound for strings). */
+function primitiveBytes(v: unknown): number {
+  if (typeof v === 'number') return Number.isInteger(v) && v >= -32 && v < 128 ? 1 : 9;
+  if (typeof v === 'string') return Buffer.byteLength(v) + 2;
+  return 1;
+}
+
 const FAST_TASK_MS = 1;
 /** Estimated work (ms per thread) handed to the executor at once for short tasks (see `handLimit`). */
 const HANDED_MS = 2;
@@ -1093,7 +1103,14 @@ class WorkerCore {
     if (status === 'ok') {
       let bytes: Uint8Array | null = null;
       try {
-        bytes = packValue(o.value);
+        // Small primitives (most results of small tasks) always travel inline: their size is
+        // known without packing them, and nothing about them can fail to pack.
+        const v0 = o.value;
+        const t = typeof v0;
+        bytes =
+          v0 === null || t === 'undefined' || t === 'boolean' || t === 'number' || (t === 'string' && (v0 as string).length * 3 + 5 <= this.inlineBytes)
+            ? PRIMITIVE
+            : packValue(v0);
       } catch (err) {
         status = 'error';
         error = wireError(
@@ -1101,13 +1118,13 @@ class WorkerCore {
         );
       }
       if (bytes !== null) {
-        nbytes = bytes.byteLength;
+        nbytes = bytes === PRIMITIVE ? primitiveBytes(o.value) : bytes.byteLength;
         const v = o.value;
         if (Array.isArray(v)) {
           len = v.length;
           if (v.every((e) => Array.isArray(e))) inner = v.map((e: unknown[]) => e.length);
         }
-        if (c.ret === true || nbytes <= this.inlineBytes) {
+        if (c.ret === true || nbytes <= this.inlineBytes || bytes === PRIMITIVE) {
           inline = true;
           this.recentOk.set(wc.key, { value: v }, nbytes);
         } else {
