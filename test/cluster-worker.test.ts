@@ -282,6 +282,9 @@ async function worker(s: FakeScheduler | string, o: Partial<WorkerOptions> = {})
 }
 
 /** A double with one connected worker. */
+/** The credit levels a 1-thread worker with saturation 2 moves between (base, <10 ms, <1 ms, <50 µs). */
+const CREDIT_LEVELS = [2, 16, 256, 2048];
+
 /** Two workers on a double; the first holds `1:1` (a 100-element list). */
 async function twoWorkersOneHeld(): Promise<{ w1: ClusterWorker; l1: Link; l2: Link }> {
   const s = await scheduler();
@@ -445,10 +448,12 @@ describe('cluster worker: compute', () => {
     expect(unpackValue(d.values[1]!)).toEqual(nested);
     // Credits come back one per outcome; other credits messages only raise the depth
     // because these tasks are short (2,048 per thread under 50 µs, 256 under 1 ms).
+    // (Measured durations drive the level; under load a GC pause can lower it for a while.)
     const levels = link.all('credits').map((m) => m.credits);
     expect(levels[0]).toBe(2);
     expect(levels.length).toBeGreaterThan(1);
-    for (const c of levels.slice(1)) expect([256, 2048]).toContain(c);
+    expect(Math.max(...levels)).toBeGreaterThanOrEqual(256);
+    for (const c of levels.slice(1)) expect(CREDIT_LEVELS).toContain(c);
   });
 
   it('fails calls of a malformed bundle hash clearly', async () => {
@@ -755,7 +760,7 @@ describe('cluster worker: logs, memory, retirement', () => {
     await until(() => link.all('credits').length > paused + 1, 'resume');
     const levels = link.all('credits').map((m) => m.credits);
     expect(levels[0]).toBe(2);
-    expect(levels.slice(1, paused).every((c) => c === 256 || c === 2048)).toBe(true);
+    expect(levels.slice(1, paused).every((c) => CREDIT_LEVELS.includes(c))).toBe(true);
     expect(levels[paused + 1]).toBe(levels[paused - 1]);
     await w.close();
     expect(await readdir(spillDir)).toEqual([]);

@@ -371,15 +371,21 @@ export class Fleet {
     const deps = call.deps;
     if (deps !== undefined && deps.length > 0) {
       let bestBytes = -1;
-      // Few deps per call: a tiny linear tally.
-      const tally = new Map<WorkerState, number>();
+      // Few deps per call: a tiny linear tally in two parallel arrays (no Map per call).
+      const ws: WorkerState[] = [];
+      const bytes: number[] = [];
       for (const d of deps) {
         const h = f.session.heldFor(d.key);
         if (h === undefined) continue;
         for (const w of h.holders) {
           if (w.retiring || w.credits <= w.used) continue;
-          const b = (tally.get(w) ?? 0) + d.nbytes;
-          tally.set(w, b);
+          let i = ws.indexOf(w);
+          if (i < 0) {
+            i = ws.length;
+            ws.push(w);
+            bytes.push(0);
+          }
+          const b = (bytes[i] = bytes[i]! + d.nbytes);
           if (b > bestBytes) {
             bestBytes = b;
             best = w;

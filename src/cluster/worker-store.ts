@@ -50,9 +50,18 @@ export function unpackValue(bytes: Uint8Array): unknown {
   return resultUnpackr.unpack(bytes);
 }
 
+/** `Entry.bytes` of a result held unpacked (a string: see `putString`). */
+const UNPACKED = new Uint8Array(0);
+
+/** Exact msgpack size of a string: its UTF-8 bytes plus the str header. */
+export function packedStringBytes(v: string): number {
+  const n = Buffer.byteLength(v, 'utf8');
+  return n + (n < 32 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : 5);
+}
+
 /** One held result. Invariant: `bytes !== null || file !== null`; `hasValue` only while `bytes !== null`. */
 interface Entry {
-  /** Packed result while in memory; null once spilled. */
+  /** Packed result while in memory (`UNPACKED` until first needed); null once spilled. */
   bytes: Uint8Array | null;
   /** The unpacked value, when known (the maker's own object, or unpacked on first use). */
   value: unknown;
@@ -118,6 +127,19 @@ export class WorkerStore {
     return this.entries.keys();
   }
 
+  /**
+   * Hold a string result without packing it yet: its packed size is known exactly, and
+   * most held results are consumed on this worker and never packed at all. It is packed
+   * the first time its bytes are needed (a peer asks, or it is spilled).
+   */
+  putString(key: string, value: string): void {
+    this.delete(key);
+    const nbytes = packedStringBytes(value);
+    this.entries.set(key, { bytes: UNPACKED, value, hasValue: true, nbytes, file: null, spilling: false });
+    this.memBytes += nbytes;
+    this.memCount++;
+  }
+
   /** Hold a result (replacing any earlier one under the key). `hasValue` false: the value is unpacked on first use. */
   put(key: string, bytes: Uint8Array, value: unknown, hasValue = true): void {
     this.delete(key);
@@ -162,6 +184,7 @@ export class WorkerStore {
     if (e === undefined) return undefined;
     if (e.bytes !== null) {
       this.touch(key, e);
+      if (e.bytes === UNPACKED) e.bytes = packValue(e.value);
       return e.bytes;
     }
     const file = e.file as string;
@@ -223,6 +246,7 @@ export class WorkerStore {
       if (this.entries.get(key) !== e || e.bytes === null) continue;
       const file = join(dir, `${++this.seq}.bin`);
       e.spilling = true;
+      if (e.bytes === UNPACKED) e.bytes = packValue(e.value);
       try {
         await writeFile(file, e.bytes);
       } catch (err) {

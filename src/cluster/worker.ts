@@ -67,7 +67,7 @@ import {
   type WireDep,
   type WireOutcome,
 } from './protocol.ts';
-import { packValue, unpackValue, WorkerStore, type Lookup } from './worker-store.ts';
+import { packedStringBytes, packValue, unpackValue, WorkerStore, type Lookup } from './worker-store.ts';
 
 export interface WorkerOptions {
   /** The scheduler: `ws://host:port` or `wss://host:port`. */
@@ -111,13 +111,13 @@ export interface WorkerEvents {
 }
 
 /** Credits and submission policy. */
-/** Marks a result whose size is known without packing it (see `finish`). */
+/** Marks a primitive result: its size is known without packing it, and nothing about it can fail to pack (see `finish`). */
 const PRIMITIVE = new Uint8Array(0);
 
-/** msgpack size of a small primitive (upper bound for strings). */
+/** msgpack size of a primitive (exact for strings, an upper bound for numbers). */
 function primitiveBytes(v: unknown): number {
   if (typeof v === 'number') return Number.isInteger(v) && v >= -32 && v < 128 ? 1 : 9;
-  if (typeof v === 'string') return Buffer.byteLength(v) + 2;
+  if (typeof v === 'string') return packedStringBytes(v);
   return 1;
 }
 
@@ -1108,9 +1108,7 @@ class WorkerCore {
         const v0 = o.value;
         const t = typeof v0;
         bytes =
-          v0 === null || t === 'undefined' || t === 'boolean' || t === 'number' || (t === 'string' && (v0 as string).length * 3 + 5 <= this.inlineBytes)
-            ? PRIMITIVE
-            : packValue(v0);
+          v0 === null || t === 'undefined' || t === 'boolean' || t === 'number' || t === 'string' ? PRIMITIVE : packValue(v0);
       } catch (err) {
         status = 'error';
         error = wireError(
@@ -1124,9 +1122,11 @@ class WorkerCore {
           len = v.length;
           if (v.every((e) => Array.isArray(e))) inner = v.map((e: unknown[]) => e.length);
         }
-        if (c.ret === true || nbytes <= this.inlineBytes || bytes === PRIMITIVE) {
+        if (c.ret === true || nbytes <= this.inlineBytes) {
           inline = true;
           this.recentOk.set(wc.key, { value: v }, nbytes);
+        } else if (bytes === PRIMITIVE) {
+          this.store.putString(wc.key, v as string); // big strings are packed only if they must travel
         } else {
           this.store.put(wc.key, bytes, v);
         }
