@@ -20,7 +20,7 @@
  *   them; the core fails a task lost on 3 workers as a suspected poison task).
  */
 import { performance } from 'node:perf_hooks';
-import { WorkerLostError, type SerializedError } from '../errors.ts';
+import type { SerializedError } from '../errors.ts';
 import type { Executor, ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { ResultRefs } from '../runner/types.ts';
 import type { Connection } from './connection.ts';
@@ -252,9 +252,6 @@ export class Fleet {
           continue;
         }
         s.inflight.delete(f.call.id);
-        if (f.call.runId < 0) {
-          // An ahead call: its producer was lost too; the runner drops it.
-        }
         this.stats.lost++;
         (lost ??= []).push({ id: f.call.id, runId: f.call.runId, status: 'lost', error: err, startMs: 0, endMs: now(), worker: w.name });
       }
@@ -557,7 +554,7 @@ export class Fleet {
         if ('value' in o) value = o.value;
         else {
           const key = dataKey(run, o.id);
-          const h = new HeldResult(key, s, stripForLineage(f.call), o.nbytes, o.len, o.inner ?? null);
+          const h = new HeldResult(key, s, f.call, o.nbytes, o.len, o.inner ?? null);
           h.holders.add(w);
           w.held.set(key, h);
           s.held.set(key, h);
@@ -588,12 +585,12 @@ export class Fleet {
       for (const x of waiters) this.unblock(x);
       return;
     }
-    if (o.status === 'ok') {
-      // Came back inline this time (the worker inlines small values): keep it held by asking again is not possible; fail waiters clearly.
-    }
     const err: SerializedError = {
       name: 'WorkerLostError',
-      message: `input ${h.key} was lost with its worker and recomputing it ended ${o.status}${o.error ? `: ${o.error.message}` : ''}`,
+      message:
+        o.status === 'ok'
+          ? `input ${h.key} was lost with its worker and recomputing it gave a small value where a held one was (task "${h.producer.key}" is not deterministic)`
+          : `input ${h.key} was lost with its worker and recomputing it ended ${o.status}${o.error ? `: ${o.error.message}` : ''}`,
       code: 'INPUT_LOST',
     };
     for (const x of waiters) {
@@ -783,11 +780,6 @@ export class Fleet {
     );
     return moved;
   }
-}
-
-/** What lineage keeps of a call: the same call (its args already hold only constants and nulls for deps). */
-function stripForLineage(c: WireCall): WireCall {
-  return c;
 }
 
 /** Re-read holders of a call's deps (they change as workers die and results are remade or moved). */
@@ -1074,9 +1066,4 @@ function depOf(r: RemoteRef, arg: number, index: number): WireDep {
   for (const w of r.held.holders) holders.push(w.id);
   const d: WireDep = { key: r.held.key, holders, nbytes: r.held.nbytes, arg, index, ...(r.path.length > 0 ? { path: r.path } : {}) };
   return d;
-}
-
-/** Lost-worker error for calls (kept for symmetry with the pool's). */
-export function lostError(worker: string, reason: string): WorkerLostError {
-  return new WorkerLostError(`worker ${worker} was lost: ${reason}`);
 }
