@@ -987,12 +987,9 @@ export class FleetSession implements Executor {
     if (!this.closed) {
       this.closed = this.mode === 'calls';
       this.fleet.closeSession(this, this.mode === 'calls');
-      if (this.mode === 'graph') this.runnerDone = true;
     }
     return Promise.resolve();
   }
-
-  runnerDone = false;
 
   /** Drop the session and its results everywhere (client released it or left). */
   release(): void {
