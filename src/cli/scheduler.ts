@@ -4,10 +4,10 @@
  * Its first stdout line is `weft scheduler listening on <ws-address> (status <http>/status)`
  * (LocalCluster and scripts read the address from it); logs go to stderr.
  */
-import { readFile } from 'node:fs/promises';
 import { readTokenFile } from '../cluster/auth.ts';
 import { startScheduler, type SchedulerOptions } from '../cluster/scheduler.ts';
 import { formatFlags, parseArgs, UsageError, type FlagSpec } from './args.ts';
+import { readTlsFlags } from './tls-flags.ts';
 
 export const SCHEDULER_FLAGS: readonly FlagSpec[] = [
   { name: 'host', kind: 'string', value: 'HOST', help: 'address to listen on (default 127.0.0.1)' },
@@ -60,17 +60,11 @@ export async function schedulerCommand(argv: string[], io: SchedulerCommandIO = 
     const ttl = intFlag(flags['worker-ttl'], 'worker-ttl', 2);
     if (ttl !== undefined) opts.missedHeartbeats = ttl;
     if (typeof flags['token-file'] === 'string') opts.token = await readTokenFile(flags['token-file']);
-    const cert = flags['tls-cert'];
-    const key = flags['tls-key'];
-    const ca = flags['tls-ca'];
-    if ((cert === undefined) !== (key === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
-    if (ca !== undefined && cert === undefined) throw new UsageError('--tls-ca needs --tls-cert and --tls-key');
-    if (typeof cert === 'string' && typeof key === 'string') {
-      opts.tls = {
-        cert: await readFile(cert),
-        key: await readFile(key),
-        ...(typeof ca === 'string' ? { ca: await readFile(ca), requireClientCert: true } : {}),
-      };
+    const tls = await readTlsFlags(flags);
+    if (tls !== undefined) {
+      if (tls.cert === undefined || tls.key === undefined) throw new UsageError('--tls-ca needs --tls-cert and --tls-key');
+      // With a CA, peers must present a certificate it signed.
+      opts.tls = { cert: tls.cert, key: tls.key, ...(tls.ca !== undefined ? { ca: tls.ca, requireClientCert: true } : {}) };
     }
   } catch (err) {
     io.stderr.write(`weft scheduler: ${(err as Error).message}\n`);

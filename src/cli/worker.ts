@@ -8,8 +8,8 @@
  * a second signal closes it at once. Exit codes: 0 after retiring or closing, 1 when it
  * cannot start, 2 for a usage problem.
  */
-import { readFile } from 'node:fs/promises';
 import { readTokenFile } from '../cluster/auth.ts';
+import { readTlsFlags } from './tls-flags.ts';
 import { startWorker, type ClusterWorker, type WorkerOptions } from '../cluster/worker.ts';
 import { formatFlags, parseArgs, UsageError, type FlagSpec } from './args.ts';
 
@@ -131,24 +131,8 @@ export async function workerOptions(argv: readonly string[], log: (line: string)
   if (typeof flags.resources === 'string') o.resources = parseResources(flags.resources);
   if (typeof flags.name === 'string') o.name = flags.name;
   if (typeof flags.host === 'string') o.host = flags.host;
-  const cert = flags['tls-cert'];
-  const key = flags['tls-key'];
-  const ca = flags['tls-ca'];
-  if ((cert === undefined) !== (key === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
-  const read = async (flag: string, path: string): Promise<Buffer> => {
-    try {
-      return await readFile(path);
-    } catch (err) {
-      throw new UsageError(`--${flag}: cannot read ${path}: ${(err as Error).message}`);
-    }
-  };
-  if (typeof cert === 'string' || typeof ca === 'string') {
-    o.tls = {
-      ...(typeof cert === 'string' ? { cert: await read('tls-cert', cert) } : {}),
-      ...(typeof key === 'string' ? { key: await read('tls-key', key) } : {}),
-      ...(typeof ca === 'string' ? { ca: await read('tls-ca', ca) } : {}),
-    };
-  }
+  const tls = await readTlsFlags(flags);
+  if (tls !== undefined) o.tls = tls;
   if (typeof flags['token-file'] === 'string') o.token = await readTokenFile(flags['token-file']);
   return o;
 }

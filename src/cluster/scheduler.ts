@@ -23,7 +23,7 @@ import type { GraphSpec, NodeSpec, TaskStateName } from '../flow/spec.ts';
 import type { Outcome } from '../executor/types.ts';
 import { BundleStore } from './bundle.ts';
 import { acceptHandshake, closeCounts, Connection, heartbeatInterval } from './connection.ts';
-import { Fleet, FleetSession, RemoteRef, remoteRefs, unpackValue, type WorkerState } from './fleet.ts';
+import { Fleet, FleetSession, RemoteRef, remoteRefs, unpackValue, type HeldResult, type WorkerState } from './fleet.ts';
 import {
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
@@ -717,7 +717,7 @@ export class SchedulerServer {
     });
   }
 
-  private heldByKey(key: string): import('./fleet.ts').HeldResult | undefined {
+  private heldByKey(key: string): HeldResult | undefined {
     const colon = key.indexOf(':');
     const run = Number(key.slice(0, colon));
     return this.fleet.sessions.get(run)?.heldFor(key);
