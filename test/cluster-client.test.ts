@@ -4,14 +4,13 @@
  * and real `weft worker` child processes, a temporary LocalCluster, adapt, and
  * `weft run --executor cluster` as a child process. Every process is stopped by PID.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ClusterConnectionError, ClusterExecutor, LocalCluster, flow, parameter, type RunProgress, type TaskStateEvent } from '../src/index.ts';
 import type { LogRecord } from '../src/cluster/protocol.ts';
 import { fetchStatus } from '../src/cluster/local-cluster.ts';
 import { killAll, runWeft } from './fixtures/cli-spawn.ts';
 import { makePki, type TestPki } from './helpers/tls.ts';
+import { alive, sleep, spawnWorker, stopProcess, waitFor, type Spawned } from './helpers/cluster-procs.ts';
 import { runResultFrom, progressFromCounts, countsOf } from '../src/cluster/run-result.ts';
 import { ClusterClient, unsendable } from '../src/cluster/client.ts';
 import { FlowValidationError, TaskSerializationError } from '../src/errors.ts';
@@ -258,60 +257,13 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
 
 // ---- against a scheduler with worker processes -----------------------------------------
 
-const BIN = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
-
-interface Spawned {
-  readonly child: ChildProcess;
-  readonly pid: number;
-  readonly exited: Promise<void>;
-  output: string;
-}
-
-/** `weft worker <address>` as a child process. */
-function spawnWorker(address: string, name: string, threads = 2): Spawned {
-  const child = spawn(process.execPath, [BIN, 'worker', address, '--threads', String(threads), '--name', name], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, NO_COLOR: '1' },
-  });
-  const w: Spawned = { child, pid: child.pid!, exited: new Promise<void>((r) => child.once('exit', () => r())), output: '' };
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => (w.output += d));
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (w.output += d));
-  return w;
-}
-
-/** SIGTERM by PID, SIGKILL after 5 s; resolves once it has exited. */
-async function stopProcess(p: Spawned): Promise<void> {
-  if (p.child.exitCode !== null || p.child.signalCode !== null) return;
-  process.kill(p.pid, 'SIGTERM');
-  const t = setTimeout(() => alive(p.pid) && process.kill(p.pid, 'SIGKILL'), 5_000);
-  await p.exited;
-  clearTimeout(t);
-}
-
-async function waitFor(what: string, check: () => Promise<boolean> | boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
-
 describe('ClusterExecutor against a scheduler with two worker processes', () => {
   let scheduler: SchedulerServer;
   const workers: Spawned[] = [];
   beforeAll(async () => {
     scheduler = await startScheduler({ port: 0, log: () => undefined });
     // One thread each: a worker captures task console output only when tasks run in its own thread.
-    workers.push(spawnWorker(scheduler.address, 'cc-a', 1), spawnWorker(scheduler.address, 'cc-b', 1));
+    workers.push(spawnWorker(scheduler.address, 'cc-a', ['--threads', '1']), spawnWorker(scheduler.address, 'cc-b', ['--threads', '1']));
     await waitFor('two workers', async () => (await fetchStatus(scheduler.httpUrl)).workers.length === 2, 30_000).catch((err: Error) => {
       throw new Error(`${err.message}; worker output: ${workers.map((w) => w.output).join(' | ')}`);
     });
