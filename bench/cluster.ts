@@ -103,6 +103,35 @@ process.stdin.on('end', () => process.exit(0));
 process.stdin.resume();
 `;
 
+/**
+ * The relay (a scheduler's place on a one-task run's path, doing no scheduling): it
+ * connects to the echo server whose port is its first argument, serves a WebSocket on a
+ * free loopback port (printed as \`port N\`), and passes every frame on, decoded and
+ * encoded again, from its client to the echo and from the echo back.
+ */
+const RELAY_SOURCE = `
+import { WebSocket, WebSocketServer } from 'ws';
+import { Packr, Unpackr } from 'msgpackr';
+const options = ${JSON.stringify(CODEC_OPTIONS)};
+const up = new WebSocket('ws://127.0.0.1:' + process.argv[1], { perMessageDeflate: false });
+up.binaryType = 'nodebuffer';
+// One options object each: msgpackr keeps a codec's record structures on its options.
+const upPackr = new Packr({ ...options });
+const upUnpackr = new Unpackr({ ...options });
+up.on('open', () => {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 });
+  wss.on('listening', () => process.stdout.write('port ' + wss.address().port + '\\n'));
+  wss.on('connection', (ws) => {
+    const packr = new Packr({ ...options });
+    const unpackr = new Unpackr({ ...options });
+    ws.on('message', (data) => up.send(new Uint8Array(upPackr.pack(unpackr.unpack(data)))));
+    up.on('message', (data) => ws.send(new Uint8Array(packr.pack(upUnpackr.unpack(data)))));
+  });
+});
+process.stdin.on('end', () => process.exit(0));
+process.stdin.resume();
+`;
+
 interface EchoConn {
   readonly child: ChildProcess;
   readonly ws: WebSocket;
@@ -283,7 +312,59 @@ export async function wsRoundTripBaseline(n: number, runs = 5): Promise<Baseline
   }
 }
 
-export const WS_BASELINES = [WS_REFERENCE, 'ws-msgpackr-roundtrip'] as const;
+/**
+ * One message in flight from this process through a relay process to an echo process and
+ * back: the four hops of a one-task run (client → scheduler → worker → scheduler →
+ * client) with nothing done at each but decoding and encoding — that run's floor.
+ */
+export async function wsRelayBaseline(n: number, runs = 5, timeoutMs = 15_000): Promise<BaselineResult> {
+  const echo = spawn(process.execPath, ['--input-type=module', '-e', ECHO_SOURCE], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
+  let relay: ChildProcess | null = null;
+  let ws: WebSocket | null = null;
+  try {
+    const em = await waitForLine(echo, /port (\d+)\n/, timeoutMs, 'ws echo process');
+    relay = spawn(process.execPath, ['--input-type=module', '-e', RELAY_SOURCE, em[1]!], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
+    const rm = await waitForLine(relay, /port (\d+)\n/, timeoutMs, 'ws relay process');
+    const sock = new WebSocket(`ws://127.0.0.1:${rm[1]!}`, { perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 });
+    ws = sock;
+    sock.binaryType = 'nodebuffer';
+    await Promise.race([once(sock, 'open'), once(sock, 'error').then(([err]) => Promise.reject(err as Error))]);
+    const packr = new Packr({ ...CODEC_OPTIONS });
+    const unpackr = new Unpackr({ ...CODEC_OPTIONS });
+    const m = Math.min(n, WS_ROUNDTRIP_MAX_N);
+    const round = (): Promise<void> =>
+      new Promise<void>((resolve, reject) => {
+        let done = 0;
+        const onClose = (): void => finish(new Error('ws relay connection closed during a round'));
+        const onMessage = (data: Buffer): void => {
+          unpackr.unpack(data);
+          if (++done >= m) finish(null);
+          else send();
+        };
+        const send = (): void => sock.send(new Uint8Array(packr.pack([{ op: 'm', id: done, run: 1 }])));
+        const finish = (err: Error | null): void => {
+          sock.off('message', onMessage);
+          sock.off('close', onClose);
+          if (err !== null) reject(err);
+          else resolve();
+        };
+        sock.on('message', onMessage);
+        sock.once('close', onClose);
+        send();
+      });
+    const samples = await timeRuns(runs, round);
+    return baselineResult('ws-msgpackr-relay', m, samples, 1, 1);
+  } finally {
+    if (ws !== null) {
+      ws.on('error', () => undefined);
+      ws.terminate();
+    }
+    if (relay !== null) await stopChild(relay);
+    await stopChild(echo);
+  }
+}
+
+export const WS_BASELINES = [WS_REFERENCE, 'ws-msgpackr-roundtrip', 'ws-msgpackr-relay'] as const;
 export type WsBaselineName = (typeof WS_BASELINES)[number];
 
 /** The ws baselines, one after the other. */
@@ -292,6 +373,7 @@ export async function runWsBaselines(opts: { n: number; workers?: number; runs?:
   const out: BaselineResult[] = [];
   if (only.has(WS_REFERENCE)) out.push(await wsBaseline(opts.n, opts.workers ?? 2, opts.runs ?? 5));
   if (only.has('ws-msgpackr-roundtrip')) out.push(await wsRoundTripBaseline(opts.n, opts.runs ?? 5));
+  if (only.has('ws-msgpackr-relay')) out.push(await wsRelayBaseline(opts.n, opts.runs ?? 5));
   return out;
 }
 

@@ -157,13 +157,18 @@ export function clusterTable(results: readonly (ShapeResult & ClusterShapeExtras
   );
 }
 
-/** One-task latency per executor, with the round-trip baselines' µs per message. */
+/**
+ * One-task latency per executor, in round trips of the baselines: one ws round trip, one
+ * postMessage round trip, and the relay (client → relay → echo → relay → client, the
+ * four hops of a one-task cluster run with no work at each: that run's floor).
+ */
 export function latencyTable(rows: readonly LatencyResult[], baselines: readonly BaselineResult[], targets: ClusterTargets): string {
   const rt = (name: string): number | undefined => baselines.find((b) => b.name === name)?.us_per_task;
   const ws = rt('ws-msgpackr-roundtrip');
   const pm = rt('postmessage-roundtrip');
+  const relay = rt('ws-msgpackr-relay');
   return table(
-    ['executor', 'workers', 'runs', 'median µs', 'p90 µs', 'p99 µs', 'min µs', 'ws round trips', 'postMessage round trips', 'target µs', 'met'],
+    ['executor', 'workers', 'runs', 'median µs', 'p90 µs', 'p99 µs', 'min µs', 'ws round trips', 'postMessage round trips', 'relay floors', 'target µs', 'met'],
     rows.map((r) => {
       const cluster = r.executor.startsWith('cluster');
       return [
@@ -176,6 +181,7 @@ export function latencyTable(rows: readonly LatencyResult[], baselines: readonly
         fmt(r.min_us),
         ws === undefined ? '-' : fmt(r.median_us / ws),
         pm === undefined ? '-' : fmt(r.median_us / pm),
+        relay === undefined ? '-' : fmt(r.median_us / relay),
         cluster ? fmt(targets.latencyMedianUs) : '-',
         cluster ? met(r.median_us <= targets.latencyMedianUs) : '-',
       ];

@@ -5,7 +5,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { benchSchedulerSim, percentile, wsBaseline, wsRoundTripBaseline, WS_REFERENCE } from '../bench/cluster.ts';
+import { benchSchedulerSim, percentile, wsBaseline, wsRelayBaseline, wsRoundTripBaseline, WS_REFERENCE } from '../bench/cluster.ts';
 import { loadRunFlow } from '../bench/harness.ts';
 import { benchCommand } from '../src/cli/bench.ts';
 import { captureIO } from './helpers/bench-io.ts';
@@ -47,6 +47,16 @@ describe('raw ws + msgpackr baselines', () => {
     const b = await wsRoundTripBaseline(50, 1);
     expect(b.name).toBe('ws-msgpackr-roundtrip');
     expect(b.n).toBe(50);
+    expect(b.us_per_task).toBeGreaterThan(0);
+    expect(await settledHandles(before)).toBe(before);
+  });
+
+  it('relay: one message through a relay process and an echo process and back, both stopped after', async () => {
+    const before = openHandles();
+    const b = await wsRelayBaseline(50, 1);
+    expect(b.name).toBe('ws-msgpackr-relay');
+    expect(b.n).toBe(50);
+    expect(b.samples_s).toHaveLength(1);
     expect(b.us_per_task).toBeGreaterThan(0);
     expect(await settledHandles(before)).toBe(before);
   });

@@ -143,10 +143,10 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
     await scheduler?.close();
   });
 
-  it('rejects before sending anything what cannot travel (a custom trigger)', async () => {
+  it('rejects before sending anything what cannot travel (a custom trigger, graph mode)', async () => {
     const sometimes = (): boolean => true;
     const f = flow('custom-trigger', () => ({ t: total.with({ trigger: sometimes })([1, 2]) }));
-    await expect(f.run({ executor: new ClusterExecutor({ address: scheduler.address }) })).rejects.toThrow(
+    await expect(f.run({ executor: new ClusterExecutor({ address: scheduler.address, callModeMaxTasks: 0 }) })).rejects.toThrow(
       /custom trigger "sometimes" is a function and cannot be sent to a cluster scheduler/,
     );
   });
@@ -208,11 +208,14 @@ describe('ClusterExecutor against a scheduler (no workers)', () => {
     expect(seen.some((e) => e.key === 'nap' && e.to === 'Cancelled')).toBe(true);
   });
 
-  it('a scheduler lost during a run rejects it with an error naming its address', async () => {
+  it.each([
+    ['as calls', 16],
+    ['graph mode', 0],
+  ])('a scheduler lost during a run rejects it with an error naming its address (%s)', async (_mode, callModeMaxTasks) => {
     const s2 = await startScheduler({ port: 0, log: () => undefined });
     const f = flow('lost', () => ({ n: nap(10_000) }));
     const p = f.run({
-      executor: new ClusterExecutor({ address: s2.address }),
+      executor: new ClusterExecutor({ address: s2.address, callModeMaxTasks }),
       onTaskState: (e) => {
         if (e.to === 'Scheduled') void s2.close();
       },
@@ -272,8 +275,7 @@ describe('ClusterExecutor against a scheduler with two worker processes', () => 
     await Promise.all(workers.map(stopProcess));
     await scheduler?.close();
   });
-  const executor = (o: { keepResults?: boolean; onLog?: (r: LogRecord) => void } = {}): ClusterExecutor =>
-    new ClusterExecutor({ address: scheduler.address, ...(o.onLog !== undefined ? { onLog: o.onLog } : {}) });
+  const executor = (o: { onLog?: (r: LogRecord) => void; callModeMaxTasks?: number } = {}): ClusterExecutor => new ClusterExecutor({ address: scheduler.address, ...o });
 
   it('runs a flow of parameters only: records, results, events and progress', async () => {
     const f = flow('params-only', () => ({ a: parameter('a', 1), b: parameter('b', 'x') }));
@@ -331,10 +333,10 @@ describe('ClusterExecutor against a scheduler with two worker processes', () => 
     expect(progress.at(-1)).toMatchObject({ total: r.tasks.length, done: r.tasks.length, running: 0, failed: 0 });
   });
 
-  it('runs state handlers on the client (without info.result) and onFailure on failures', async () => {
+  it('graph mode: runs state handlers on the client (without info.result) and onFailure on failures', async () => {
     handlerCalls.length = 0;
     const f = flow('cc-handlers', () => ({ ok: watched(1), bad: watched.with({ name: 'watched-bad' })(-1) }));
-    const r = await f.run({ executor: executor() });
+    const r = await f.run({ executor: executor({ callModeMaxTasks: 0 }) });
     expect(r.state).toBe('Failed');
     expect(r.result(f.outputs.ok)).toBe(2);
     await sleep(10); // handlers run in a microtask after their event
@@ -343,6 +345,21 @@ describe('ClusterExecutor against a scheduler with two worker processes', () => 
     const bad = handlerCalls.filter((c) => c.key === 'watched-bad');
     expect(bad.filter((c) => c.kind === 'state').at(-1)).toMatchObject({ to: 'Failed' });
     expect(bad.filter((c) => c.kind === 'failure')).toEqual([expect.objectContaining({ to: 'Failed', hasResult: false })]);
+  });
+
+  it('a small flat graph runs as calls: state handlers see info.result, a custom trigger works, the scheduler runs no graph', async () => {
+    handlerCalls.length = 0;
+    const before = scheduler.status().started;
+    const sometimes = (): boolean => true;
+    const f = flow('cc-calls', () => ({ ok: watched(1), bad: watched.with({ name: 'watched-bad' })(-1), t: total.with({ trigger: sometimes })([1, 2]) }));
+    const r = await f.run({ executor: executor() });
+    expect(r.state).toBe('Failed');
+    expect(r.result(f.outputs.ok)).toBe(2);
+    expect(r.result(f.outputs.t)).toBe(3);
+    await sleep(10);
+    expect(handlerCalls.filter((c) => c.key === 'watched').at(-1)).toMatchObject({ kind: 'state', to: 'Success', hasResult: true });
+    expect(handlerCalls.filter((c) => c.key === 'watched-bad' && c.kind === 'failure')).toEqual([expect.objectContaining({ to: 'Failed' })]);
+    expect(scheduler.status().started).toEqual({ graphRuns: before.graphRuns, callSessions: before.callSessions + 1 });
   });
 
   it('keepResults: false fetches no result', async () => {

@@ -305,9 +305,9 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
   const baselines: BaselineResult[] = await runBaselines({ n: baselineN, workers, runs });
   const cluster = executors.some(isClusterExecutor);
   if (cluster) {
-    const { runWsBaselines } = await import('../../bench/cluster.ts');
+    const { runWsBaselines, WS_REFERENCE } = await import('../../bench/cluster.ts');
     io.stderr.write(`measuring ws+msgpackr baselines (n=${baselineN}, ${workers} echo processes, 1 warm-up + ${runs} runs)\n`);
-    baselines.push(...(await runWsBaselines({ n: baselineN, workers, runs })));
+    baselines.push(...(await runWsBaselines({ n: baselineN, workers, runs, only: [WS_REFERENCE, 'ws-msgpackr-roundtrip'] })));
   }
   io.stdout.write(`\nBaselines\n${baselineTable(baselines)}\n`);
 
@@ -396,7 +396,7 @@ async function latencyMode(f: Readonly<Record<string, unknown>>, io: BenchIO): P
   const c = await import('../../bench/cluster.ts');
   const runs = numberFlag(f, 'runs') ?? DEFAULT_RUNS;
   io.stderr.write(`measuring round-trip baselines (1 warm-up + ${runs} runs)\n`);
-  const baselines = [...(await runBaselines({ n: MIN_BASELINE_N, runs, only: ['postmessage-roundtrip'] })), ...(await c.runWsBaselines({ n: MIN_BASELINE_N, runs, only: ['ws-msgpackr-roundtrip'] }))];
+  const baselines = [...(await runBaselines({ n: MIN_BASELINE_N, runs, only: ['postmessage-roundtrip'] })), ...(await c.runWsBaselines({ n: MIN_BASELINE_N, runs, only: ['ws-msgpackr-roundtrip', 'ws-msgpackr-relay'] }))];
   io.stdout.write(`\nBaselines\n${baselineTable(baselines)}\n`);
   const runFlow = io.runFlow ?? (await loadRunFlow());
   const createExecutor = io.createExecutor ?? defaultCreateExecutor;

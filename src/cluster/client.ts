@@ -271,9 +271,11 @@ export class ClusterClient {
   }
 
   /**
-   * Open a call session for `session` (checks locally that every task key resolves,
-   * then asks the scheduler, whose workers check too). Resolves once the scheduler is
-   * ready; rejects with its error (e.g. TaskResolutionError) otherwise.
+   * Open a call session for `session` (checks locally that every task key resolves
+   * first). With a code bundle it resolves once the scheduler has found the bundle, and
+   * rejects with its error otherwise. Without one the scheduler cannot refuse the
+   * session, so it resolves at once: the open goes out with the first calls, in the
+   * same frame, and `sessionReady` only brings the slot count.
    */
   async openSession(session: ExecutorSession, bundle = ''): Promise<CallSession> {
     if (this.ended !== null) throw this.ended;
@@ -291,6 +293,10 @@ export class ClusterClient {
       parameters: session.parameters,
       bundle,
     });
+    if (bundle === '') {
+      s.ready.catch(() => undefined); // a lost connection ends the calls in flight instead
+      return s;
+    }
     try {
       await s.ready;
     } catch (err) {

@@ -119,7 +119,10 @@ export interface ClusterStatus {
     metrics: Record<string, number>;
   }[];
   clients: number;
+  /** Graph runs now held (running, or finished and not yet released). */
   runs: number;
+  /** Since start: graph runs begun, and call sessions opened (small flat graphs run as calls). */
+  started: { graphRuns: number; callSessions: number };
   slots: number;
   /** Calls waiting for a free credit. */
   queued: number;
@@ -416,6 +419,7 @@ export class SchedulerServer {
           return;
         }
         const s = this.fleet.openSession('calls', m.modules, m.bundle);
+        this.callSessionsOpened++;
         c.sessions.set(m.session, s);
         this.runOwner.set(s.run, c);
         void s.start({
@@ -485,6 +489,7 @@ export class SchedulerServer {
     }
     const spec: GraphSpec = { name: b.name, nodes: g.nodes, referenceTasks: b.referenceTasks.slice(), modules: b.modules.slice() };
     const session = this.fleet.openSession('graph', b.modules, b.bundle);
+    this.graphRunsStarted++;
     g.session = session;
     session.needsValue = valueNeeds(spec);
     session.pumpRunner = () => session.session?.resume?.();
@@ -542,6 +547,8 @@ export class SchedulerServer {
     );
   }
 
+  private graphRunsStarted = 0;
+  private callSessionsOpened = 0;
   private readonly eventBuf = new Map<GraphRun, TaskEvent[]>();
 
   private taskEvent(g: GraphRun, e: TaskStateEvent): void {
@@ -840,6 +847,7 @@ export class SchedulerServer {
       })),
       clients: this.clients.size,
       runs: [...this.allGraphs()].length,
+      started: { graphRuns: this.graphRunsStarted, callSessions: this.callSessionsOpened },
       slots: fleet.slots,
       queued,
       running,
@@ -866,6 +874,8 @@ export class SchedulerServer {
     metric('weft_workers', 'Connected workers.', 'gauge', [[{}, s.workers.length]]);
     metric('weft_clients', 'Connected clients.', 'gauge', [[{}, s.clients]]);
     metric('weft_slots', 'Task slots (threads) across workers.', 'gauge', [[{}, s.slots]]);
+    metric('weft_graph_runs_total', 'Graph runs begun.', 'counter', [[{}, s.started.graphRuns]]);
+    metric('weft_call_sessions_total', 'Call sessions opened.', 'counter', [[{}, s.started.callSessions]]);
     metric('weft_tasks_running', 'Calls sent to workers and not yet ended.', 'gauge', [[{}, s.running]]);
     metric('weft_tasks_queued', 'Calls waiting for a free worker credit.', 'gauge', [[{}, s.queued]]);
     metric('weft_tasks_assigned_total', 'Calls sent to workers.', 'counter', [[{}, s.fleet.assigned]]);

@@ -736,8 +736,9 @@ class WorkerCore {
           taskKeys: [],
           parameters,
           onOutcomes: (outs) => {
-            // Outside any task's console capture: this is the worker's own code.
-            captureStore.exit(() => this.onOutcomes(rs, outs));
+            // Outside any task's console capture: this is the worker's own code. (run(null),
+            // not exit(): exit() turns the async hooks off and on again, a cost per call.)
+            captureStore.run(null, () => this.onOutcomes(rs, outs));
           },
         });
       })

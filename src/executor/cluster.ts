@@ -8,17 +8,23 @@
  *   state events (when someone listens), progress counts and the results kept come back.
  * - The plain Executor interface (`start`/`submit`/...) opens a call session: resolved
  *   calls go to the scheduler, which places them on its workers (like dask's
- *   `client.submit`). The window of calls in flight is `max(64, 4 × slots)`.
+ *   `client.submit`). The window of calls in flight is `max(64, 4 × slots)`. The open
+ *   travels with the first calls (no round trip first) unless a code bundle must be
+ *   checked.
+ * - A small flat graph (at most `callModeMaxTasks` tasks, none mapped, none taking
+ *   another task's result) runs as calls: its values come back anyway, and the
+ *   scheduler is spared a run of its own (half the one-task latency).
  * - Without `keepAlive`, the end of a run (`shutdown()`, or the end of `runGraph`)
  *   disconnects and stops a temporary cluster; the next run connects (or starts one)
  *   again. With `keepAlive` (a warm cluster) both stay up until `close()`.
  * - A running cluster given by `address` is never stopped by this executor.
  */
-import { ClusterClient, logToStderr, type CallSession, type ClientTlsOptions } from '../cluster/client.ts';
+import { ClusterClient, ClusterConnectionError, logToStderr, type CallSession, type ClientTlsOptions } from '../cluster/client.ts';
 import { fetchStatus, httpUrlOf, LocalCluster } from '../cluster/local-cluster.ts';
 import type { LogRecord } from '../cluster/protocol.ts';
 import { loadTasks } from './pool-tasks.ts';
 import type { GraphSpec } from '../flow/spec.ts';
+import { runFlow } from '../runner/run.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 import type { Executor, ExecutorSession, TaskCall } from './types.ts';
 
@@ -47,6 +53,30 @@ export interface ClusterExecutorOptions {
   bundle?: boolean;
   /** Connecting and handshaking with the scheduler. Default 10 s. */
   connectTimeoutMs?: number;
+  /**
+   * Graphs of at most this many tasks, none mapped and none taking another task's result,
+   * run as calls from this process instead of as a scheduler-side run. Default 16; 0
+   * hands every graph over.
+   */
+  callModeMaxTasks?: number;
+}
+
+/** Default `callModeMaxTasks`. */
+const CALL_MODE_MAX_TASKS = 16;
+
+/**
+ * Whether `spec` is small and flat: at most `max` tasks, none mapped, every task's
+ * arguments constants or parameters (no value moves from one task to another).
+ */
+export function isSmallFlatGraph(spec: GraphSpec, max: number): boolean {
+  let tasks = 0;
+  const nodes = spec.nodes;
+  for (const n of nodes) {
+    if (n.kind !== 'task') continue;
+    if (n.mapped || ++tasks > max) return false;
+    for (const a of n.args) if (a.kind === 'ref' && nodes[a.node]?.kind !== 'parameter') return false;
+  }
+  return true;
 }
 
 /** Smallest window of calls in flight for a call session. */
@@ -65,12 +95,16 @@ export class ClusterExecutor implements Executor {
   private starting = false;
   private closed = false;
   private closing: Promise<void> | null = null;
+  /** The connection error of a run as calls (see `runAsCalls`), set when its session ends. */
+  private lostDuringRun: ClusterConnectionError | null = null;
 
   constructor(options: ClusterExecutorOptions = {}) {
     for (const k of ['workers', 'threads'] as const) {
       const v = options[k];
       if (v !== undefined && (!Number.isInteger(v) || v < 1)) throw new RangeError(`ClusterExecutor: ${k} must be a positive integer, got ${String(v)}`);
     }
+    const cm = options.callModeMaxTasks;
+    if (cm !== undefined && (!Number.isInteger(cm) || cm < 0)) throw new RangeError(`ClusterExecutor: callModeMaxTasks must be a non-negative integer, got ${String(cm)}`);
     if (options.address !== undefined && (options.workers !== undefined || options.adapt !== undefined)) {
       throw new RangeError('ClusterExecutor: workers and adapt size a temporary cluster; with an address the cluster has its own workers');
     }
@@ -108,7 +142,7 @@ export class ClusterExecutor implements Executor {
         throw new Error('ClusterExecutor: closed while starting');
       }
       this.session = s;
-      this.slots = s.slots;
+      if (s.slots > 0) this.slots = s.slots;
     } catch (err) {
       this.starting = false;
       // The runner does not shut down an executor whose start() failed.
@@ -144,6 +178,7 @@ export class ClusterExecutor implements Executor {
   async shutdown(): Promise<void> {
     const s = this.session;
     this.session = null;
+    if (s?.lostWith != null) this.lostDuringRun = s.lostWith;
     s?.close();
     if (!this.options.keepAlive) await this.release();
   }
@@ -159,9 +194,14 @@ export class ClusterExecutor implements Executor {
     return this.closing;
   }
 
-  /** The whole graph runs on the cluster (see `Executor.runGraph`). */
+  /**
+   * The whole graph runs on the cluster (see `Executor.runGraph`), but for a small flat
+   * graph (see `callModeMaxTasks`): the runner drives that one here, as calls. Either way
+   * a connection lost during the run rejects it with the ClusterConnectionError.
+   */
   async runGraph(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
     if (this.closed) throw new Error('ClusterExecutor is closed');
+    if (isSmallFlatGraph(spec, this.options.callModeMaxTasks ?? CALL_MODE_MAX_TASKS)) return this.runAsCalls(spec, parameters, opts);
     try {
       const client = await this.connect();
       const bundle = this.options.bundle === true ? await client.shipBundle(spec.modules) : '';
@@ -171,8 +211,30 @@ export class ClusterExecutor implements Executor {
     }
   }
 
+  private async runAsCalls(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
+    // This executor without runGraph: the runner drives the graph through start/submit.
+    const workers = (): number => this.workers;
+    const calls: Executor = {
+      kind: this.kind,
+      get workers(): number {
+        return workers();
+      },
+      start: (session) => this.start(session),
+      freeSlots: () => this.freeSlots(),
+      submit: (c) => this.submit(c),
+      cancel: (ids) => this.cancel(ids),
+      shutdown: () => this.shutdown(),
+    };
+    this.lostDuringRun = null;
+    const result = await runFlow(spec, { ...opts, parameters, executor: calls });
+    const lost = this.lostDuringRun as ClusterConnectionError | null;
+    this.lostDuringRun = null;
+    if (lost !== null) throw new ClusterConnectionError('SCHEDULER_LOST', `flow "${spec.name}": ${lost.message}`, lost.address, { cause: lost });
+    return result;
+  }
+
   private window(): number {
-    return Math.max(MIN_WINDOW, WINDOW_PER_SLOT * this.slots);
+    return Math.max(MIN_WINDOW, WINDOW_PER_SLOT * Math.max(this.slots, this.session?.slots ?? 0));
   }
 
   /** The open client, connecting (and starting a temporary cluster) first when needed. */

@@ -239,7 +239,7 @@ export class SchedulerCore {
     this.inputLength = opts.inputLength ?? (() => 'no input lengths available');
     this.onTransition = opts.onTransition;
     // Bounded, and in proportion to the graph: a fresh ring is zero-filled per run.
-    this.storyLen = opts.storySize ?? Math.min(65536, Math.max(1024, 8 * spec.nodes.length));
+    this.storyLen = opts.storySize ?? Math.min(65536, Math.max(128, 8 * spec.nodes.length));
     this.storyBuf = new Int32Array(STORY_W * this.storyLen);
 
     const cap = this.cap;
