@@ -145,6 +145,9 @@ function checkResolvable(spec: GraphSpec, executor: Executor): void {
   }
 }
 
+/** Ready tasks taken from the core per batch, at most. */
+const OUT_MAX = 4096;
+
 class FlowRun {
   private readonly core: SchedulerCore;
   private readonly nodes: readonly NodeSpec[];
@@ -162,7 +165,7 @@ class FlowRun {
   private readonly lists = new Map<number, unknown[]>();
   private readonly flattened = new Map<number, unknown[]>();
   private readonly timers = new Set<NodeJS.Timeout>();
-  private readonly out: Int32Array;
+  private out: Int32Array;
   private readonly runUuid = randomUUID();
   private readonly resultDir: string;
   private readonly restart: Restart | null;
@@ -204,7 +207,8 @@ class FlowRun {
     this.workers = new Array<string | undefined>(spec.nodes.length).fill(undefined);
     this.startMs = new Float64Array(n);
     this.endMs = new Float64Array(n);
-    this.out = new Int32Array(4096);
+    // Grown to OUT_MAX when a batch fills it (a tiny graph's run does not zero 16 KiB).
+    this.out = new Int32Array(Math.min(OUT_MAX, Math.max(64, spec.nodes.length)));
     this.resultDir = opts.resultDir ?? '.weft/results';
     this.restart = opts.restartFrom ? restartOf(opts.restartFrom) : null;
     this.special = new Uint8Array(spec.nodes.length);
@@ -285,12 +289,13 @@ class FlowRun {
 
   private dispatch(): void {
     const core = this.core;
-    const out = this.out;
     while (core.readyCount > 0 && this.done === null) {
+      const out = this.out;
       const slots = this.executor.freeSlots();
       if (slots <= 0) return; // outcomes free slots and pump again
       const k = core.takeReady(Math.min(slots, out.length), out);
       if (k === 0) return; // everything ready is waiting for a tag slot
+      if (k === out.length && out.length < OUT_MAX) this.out = new Int32Array(OUT_MAX); // for the next batch
       this.ensureTimes(core.size);
       // One clock read per batch: the dispatch time stands in for a start time that the
       // executor cannot report (a call that timed out, was cancelled or lost its worker).

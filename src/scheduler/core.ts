@@ -136,6 +136,50 @@ export class SchedulerError extends Error {
   }
 }
 
+/** Graphs up to this many nodes take their arrays from one `Arena`. */
+const ARENA_MAX_NODES = 4096;
+
+/**
+ * Typed arrays carved out of one ArrayBuffer of `bytes` (each 8-byte aligned), zeroed;
+ * once it is used up (or with 0 bytes), plain allocations.
+ */
+class Arena {
+  private readonly buf: ArrayBuffer;
+  private off = 0;
+
+  constructor(bytes: number) {
+    this.buf = new ArrayBuffer(bytes);
+  }
+
+  private take(bytes: number): number {
+    const at = this.off;
+    const end = at + ((bytes + 7) & ~7);
+    if (end > this.buf.byteLength) return -1;
+    this.off = end;
+    return at;
+  }
+
+  u8(n: number): Uint8Array {
+    const at = this.take(n);
+    return at < 0 ? new Uint8Array(n) : new Uint8Array(this.buf, at, n);
+  }
+
+  u16(n: number): Uint16Array {
+    const at = this.take(2 * n);
+    return at < 0 ? new Uint16Array(n) : new Uint16Array(this.buf, at, n);
+  }
+
+  i32(n: number): Int32Array {
+    const at = this.take(4 * n);
+    return at < 0 ? new Int32Array(n) : new Int32Array(this.buf, at, n);
+  }
+
+  f64(n: number): Float64Array {
+    const at = this.take(8 * n);
+    return at < 0 ? new Float64Array(n) : new Float64Array(this.buf, at, n);
+  }
+}
+
 export class SchedulerCore {
   readonly spec: GraphSpec;
   /** Static nodes (ids 0..nStatic-1 are the spec's nodes). */
@@ -240,23 +284,26 @@ export class SchedulerCore {
     this.onTransition = opts.onTransition;
     // Bounded, and in proportion to the graph: a fresh ring is zero-filled per run.
     this.storyLen = opts.storySize ?? Math.min(65536, Math.max(128, 8 * spec.nodes.length));
-    this.storyBuf = new Int32Array(STORY_W * this.storyLen);
-
     const cap = this.cap;
-    this.state = new Uint8Array(cap);
-    this.remaining = new Int32Array(cap);
-    this.upCounts = new Int32Array(cap * 3);
-    this.attempts = new Uint16Array(cap);
+    // A small graph's arrays come from one buffer (a run of a tiny graph would otherwise
+    // allocate and collect some twenty backing stores); a big graph's stay separate, so
+    // that growing one frees the old one.
+    const a = new Arena(n <= ARENA_MAX_NODES ? cap * 52 + 2 * n + 4 * (2 * n + 17) + 4 * STORY_W * this.storyLen + 16 * 8 : 0);
+    this.storyBuf = a.i32(STORY_W * this.storyLen);
+    this.state = a.u8(cap);
+    this.remaining = a.i32(cap);
+    this.upCounts = a.i32(cap * 3);
+    this.attempts = a.u16(cap);
     this.lost = new Uint8Array(0);
-    this.runId = new Int32Array(cap);
-    this.loopCount = new Int32Array(cap);
-    this.node = new Int32Array(cap);
-    this.mapIndex = new Int32Array(cap).fill(-1);
-    this.parent = new Int32Array(cap).fill(-1);
-    this.flags = new Uint8Array(cap);
+    this.runId = a.i32(cap);
+    this.loopCount = a.i32(cap);
+    this.node = a.i32(cap);
+    this.mapIndex = a.i32(cap).fill(-1);
+    this.parent = a.i32(cap).fill(-1);
+    this.flags = a.u8(cap);
     this.rank = new Float64Array(0);
-    this.order = new Float64Array(cap);
-    this.outHead = new Int32Array(cap).fill(-1);
+    this.order = a.f64(cap);
+    this.outHead = a.i32(cap).fill(-1);
 
     // Tags with limits.
     const limits = opts.tagLimits ?? {};
@@ -276,12 +323,12 @@ export class SchedulerCore {
     // pass over them costs a miss per node): the dependency CSR for the static order,
     // ranks, node flags, tags, and the exact number of static edges.
     const nodes = spec.nodes;
-    const depPtr = new Int32Array(n + 1);
-    let depIdx = new Int32Array(n + 16);
+    const depPtr = a.i32(n + 1);
+    let depIdx = a.i32(n + 16);
     let nDeps = 0;
     let nEdges = 0;
-    const hasDependents = new Uint8Array(n);
-    const nodeFlags = new Uint8Array(n);
+    const hasDependents = a.u8(n);
+    const nodeFlags = a.u8(n);
     let rank: Float64Array | null = null;
     const node = this.node;
     // Nodes mostly share one options object: decode it once per distinct object.
