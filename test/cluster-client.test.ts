@@ -19,6 +19,8 @@ import { startScheduler, type SchedulerServer } from '../src/cluster/scheduler.t
 import type { TaskStateName } from '../src/flow/spec.ts';
 import { handlerCalls, nap, shout, square, total, watched } from './fixtures/cluster-client-tasks.ts';
 import { MODULE, key } from './fixtures/exec-tasks.ts';
+import { tree } from '../bench/shapes.ts';
+import { runFlow } from '../src/runner/run.ts';
 
 const S = (name: TaskStateName): number => STATE_ORDER.indexOf(name);
 
@@ -360,6 +362,25 @@ describe('ClusterExecutor against a scheduler with two worker processes', () => 
     expect(handlerCalls.filter((c) => c.key === 'watched').at(-1)).toMatchObject({ kind: 'state', to: 'Success', hasResult: true });
     expect(handlerCalls.filter((c) => c.key === 'watched-bad' && c.kind === 'failure')).toEqual([expect.objectContaining({ to: 'Failed' })]);
     expect(scheduler.status().started).toEqual({ graphRuns: before.graphRuns, callSessions: before.callSessions + 1 });
+  });
+
+  it('a big reduction over results held on the workers keeps each pair of leaves and their sum on one worker', async () => {
+    // 16,384 leaves of 1 KiB: the leaves' placement in blocks and the sums' pull to the
+    // worker that holds their inputs (a little past its credits) keep most inputs in place.
+    const built = tree(16_384, { payload: 'kib' });
+    const leaves = 16_384;
+    let best = 0;
+    for (let k = 0; k < 2; k++) {
+      const r = await runFlow(built.spec, { executor: executor(), keepResults: false });
+      expect(r.state).toBe('Success');
+      const w = r.tasks.map((t) => t.worker);
+      expect(new Set(w).size).toBe(2);
+      let local = 0;
+      // The first level of sums: ids leaves..leaves + leaves/2 - 1, sum i over leaves 2i and 2i+1.
+      for (let i = 0; i < leaves / 2; i++) if (w[2 * i] === w[leaves + i] && w[2 * i + 1] === w[leaves + i]) local++;
+      best = Math.max(best, local / (leaves / 2));
+    }
+    expect(best).toBeGreaterThanOrEqual(0.75);
   });
 
   it('keepResults: false fetches no result', async () => {

@@ -333,7 +333,7 @@ describe('cluster worker: connection', () => {
     const credits = await link.first('credits');
     expect(credits.credits).toBe(3);
     const hb = await link.first('heartbeat', (m) => m.metrics !== undefined);
-    expect(hb.metrics).toMatchObject({ executing: 0, queued: 0, heldBytes: 0, heldCount: 0, spilledBytes: 0 });
+    expect(hb.metrics).toMatchObject({ executing: 0, queued: 0, heldBytes: 0, heldCount: 0, spilledBytes: 0, peerFetchedKeys: 0, peerFetchedBytes: 0, peerServedKeys: 0 });
     expect(hb.metrics!.rss).toBeGreaterThan(0);
     expect(typeof hb.metrics!.eventLoopDelayMs).toBe('number');
   });
@@ -522,6 +522,12 @@ describe('cluster worker: inputs', () => {
     expect((await l2.waitOutcomes([5]))[0]).toMatchObject({ status: 'ok', value: 3160 });
     // The fetched copy is not held (not advertised) on w2.
     expect((await getData(l2, ['1:1'])).missing).toEqual(['1:1']);
+    // Counted on both sides (heartbeat metrics).
+    const fetched = w2.metrics();
+    expect(fetched.peerFetchedKeys).toBeGreaterThanOrEqual(2);
+    expect(fetched.peerFetchedBytes).toBeGreaterThan(0);
+    expect(w1.metrics().peerServedKeys).toBe(fetched.peerFetchedKeys);
+    expect(w1.metrics().peerFetchedKeys).toBe(0);
   });
 
   it('falls back to the scheduler relay when no peer delivers, and reports INPUT_LOST when nobody has it', async () => {

@@ -126,6 +126,11 @@ const RELEASE_DELAY_MS = 50;
 const BIG_BATCH = 256;
 const ROOT_RUN = 32;
 
+/** Calls past its credits a worker takes when it holds their inputs: a quarter more, at least 8 (none at 0 credits). */
+function overdraft(credits: number): number {
+  return credits > 0 ? Math.max(8, credits >> 2) : 0;
+}
+
 /** A call whose inputs cannot be fetched this many times ends with that error. */
 const MAX_INPUT_RETRIES = 3;
 
@@ -326,6 +331,10 @@ export class Fleet {
   /** Drop every result of a session on every worker. */
   releaseSession(s: FleetSession): void {
     this.sessions.delete(s.run);
+    if (this.blockSession === s) {
+      this.blockSession = null;
+      this.blockWorker = null;
+    }
     for (const w of this.order) {
       if (s.held.size > 0) for (const [k, h] of w.held) if (h.session === s) w.held.delete(k);
       if (s.touched.has(w)) this.releaseLater(w, `${s.run}:*`);
@@ -375,7 +384,9 @@ export class Fleet {
         const h = f.session.heldFor(d.key);
         if (h === undefined) continue;
         for (const w of h.holders) {
-          if (w.retiring || w.credits <= w.used) continue;
+          // A worker that holds inputs takes a call a little past its credits rather than
+          // see it go where its inputs must follow (not while it is paused: 0 credits).
+          if (w.retiring || w.used >= w.credits + overdraft(w.credits)) continue;
           let i = ws.indexOf(w);
           if (i < 0) {
             i = ws.length;
@@ -390,11 +401,26 @@ export class Fleet {
         }
       }
     }
-    if (best === null) best = this.nextFree();
+    if (best === null) best = f.session.groupRoots && call.id >= 0 ? this.blockFree(f.session, Math.floor(call.id / ROOT_RUN)) : this.nextFree();
     if (best === null) return false;
     this.assign(f, best);
     return true;
   }
+
+  /** The worker of the last call placed from `block` of `session` while it has a free credit, else the next free one (which then takes the block). */
+  private blockFree(session: FleetSession, block: number): WorkerState | null {
+    const w = this.blockWorker;
+    if (w !== null && this.blockSession === session && this.block === block && !w.retiring && w.credits > w.used && this.workers.has(w.id)) return w;
+    const next = this.nextFree();
+    this.blockWorker = next;
+    this.blockSession = session;
+    this.block = block;
+    return next;
+  }
+
+  private blockWorker: WorkerState | null = null;
+  private blockSession: FleetSession | null = null;
+  private block = -1;
 
   /** Only workers that advertise the resources, within their capacity; most input bytes first. */
   private placeWithResources(f: Inflight, need: Readonly<Record<string, number>>): boolean {
@@ -815,6 +841,12 @@ export class FleetSession implements Executor {
   warnedResources = false;
   /** Per task key (node key): return the value with the outcome whatever its size. */
   needsValue: ((key: string) => boolean) | null = null;
+  /**
+   * A big graph: its input-less calls go to workers in blocks of ROOT_RUN consecutive
+   * task ids (siblings in the graph's order, whose results one task will combine, land
+   * on one worker however the runner batches them).
+   */
+  groupRoots = false;
   /** Call sessions return every value. */
   returnAll: boolean;
   /** Runs the runner's pump when credits come back. */

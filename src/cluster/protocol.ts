@@ -687,6 +687,10 @@ export interface HeartbeatMetrics {
   readonly heldCount: number;
   readonly spilledBytes: number;
   readonly eventLoopDelayMs: number;
+  /** Since start: inputs fetched from peer workers (count and bytes), and inputs served to them. */
+  readonly peerFetchedKeys?: number;
+  readonly peerFetchedBytes?: number;
+  readonly peerServedKeys?: number;
 }
 
 /** Liveness, every `heartbeatMs`. Workers attach metrics. */

@@ -134,6 +134,9 @@ export interface ClusterStatus {
   connectionsClosed: Record<string, number>;
 }
 
+/** Graphs of at least this many nodes place their input-less calls in blocks (see `FleetSession.groupRoots`). */
+const GROUP_ROOTS_MIN_NODES = 256;
+
 export async function startScheduler(o: SchedulerOptions = {}): Promise<SchedulerServer> {
   const s = new SchedulerServer(o);
   await s.listen();
@@ -492,6 +495,7 @@ export class SchedulerServer {
     this.graphRunsStarted++;
     g.session = session;
     session.needsValue = valueNeeds(spec);
+    session.groupRoots = spec.nodes.length >= GROUP_ROOTS_MIN_NODES;
     session.pumpRunner = () => session.session?.resume?.();
     this.runOwner.set(session.run, c);
     // (No 'accepted' message: the client learns the outcome from 'finished' or 'rejected';

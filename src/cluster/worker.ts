@@ -371,6 +371,10 @@ class WorkerCore {
   private logScheduled = false;
   private logDropped = 0;
   private pumpScheduled = false;
+  /** Inputs fetched from peers since start (see `metrics`). */
+  private peerFetchedKeys = 0;
+  private peerFetchedBytes = 0;
+  private peerServedKeys = 0;
 
   /** Counts sessions: async work started in an earlier one is ignored when it completes. */
   private gen = 0;
@@ -430,7 +434,11 @@ class WorkerCore {
 
   async start(): Promise<void> {
     const tls = this.o.tls;
-    const serve = (keys: readonly string[], budget: number): Promise<DataReply> => this.serve(keys, budget);
+    const serve = (keys: readonly string[], budget: number): Promise<DataReply> =>
+      this.serve(keys, budget).then((r) => {
+        this.peerServedKeys += r.keys.length;
+        return r;
+      });
     this.peerServer = await PeerServer.listen({
       host: this.o.host ?? '127.0.0.1',
       ...(this.o.token !== undefined ? { token: this.o.token } : {}),
@@ -647,6 +655,9 @@ class WorkerCore {
       heldCount: this.store.heldCount,
       spilledBytes: this.store.spilledBytes,
       eventLoopDelayMs: Math.round(delay * 100) / 100,
+      peerFetchedKeys: this.peerFetchedKeys,
+      peerFetchedBytes: this.peerFetchedBytes,
+      peerServedKeys: this.peerServedKeys,
     };
   }
 
@@ -904,7 +915,11 @@ class WorkerCore {
       if (addr === undefined || addr === this.address || this.peers === null) continue;
       const bytes = await this.peers.fetch(addr, key, nbytes);
       if (this.gen !== gen) return undefined;
-      if (bytes !== undefined) return bytes;
+      if (bytes !== undefined) {
+        this.peerFetchedKeys++;
+        this.peerFetchedBytes += bytes.byteLength;
+        return bytes;
+      }
     }
     return this.relayFetch(key);
   }
