@@ -539,6 +539,8 @@ export class Fleet {
         });
       }
       w.pending.clear();
+      // Already a turn after the submits: write now rather than one more turn later.
+      w.conn.flush();
     }
   }
 

@@ -1235,6 +1235,8 @@ class WorkerCore {
       if (!conn.send({ op: 'outcomes', run, outcomes })) return;
       this.outbox.delete(run);
     }
+    // Already a turn after the outcomes: write now rather than one more turn later.
+    conn.flush();
     this.checkRetired();
   }
 
