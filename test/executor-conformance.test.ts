@@ -531,3 +531,60 @@ describe.each(factories)('Executor conformance: $name', ({ mode, caps, make, mak
     await warm.close!();
   });
 });
+
+describe('LocalExecutor: startNow and runNow (a cluster worker starts runs and calls without waiting a turn)', () => {
+  const session = (modules: readonly string[], taskKeys: readonly string[], onOutcomes: (o: Outcome[]) => void) => ({
+    flowName: 'now',
+    modules,
+    taskKeys,
+    parameters: {},
+    onOutcomes,
+  });
+
+  it('startNow starts at once when every module was imported here and no key is asked for, and declines otherwise', async () => {
+    const never = `${MODULE}?never-imported`;
+    const a = new LocalExecutor();
+    expect(a.startNow(session([never], [], () => {}))).toBe(false);
+    expect(() => a.submit([call('add', [1, 2])])).toThrow(/before start/);
+    const b = new LocalExecutor();
+    expect(b.startNow(session([MODULE], [key('add')], () => {}))).toBe(false); // keys to check: start() does
+    // After one start() that imports it (no keys given, so it does not stop at the registry), the module counts as imported here.
+    const c = new LocalExecutor();
+    await c.start(session([MODULE], [], () => {}));
+    await c.shutdown();
+    const outs: Outcome[] = [];
+    const d = new LocalExecutor();
+    expect(d.startNow(session([MODULE], [], (o) => outs.push(...o)))).toBe(true);
+    expect(() => d.startNow(session([MODULE], [], () => {}))).toThrow(/twice/);
+    d.submit([call('add', [2, 3])]);
+    await sleep(20);
+    expect(outs.map((o) => o.value)).toEqual([5]);
+    await Promise.all([a.shutdown(), b.shutdown(), d.shutdown()]);
+  });
+
+  it('runNow runs the queued calls before returning (not inside a delivery), and is a no-op with nothing queued', async () => {
+    const outs: Outcome[] = [];
+    let nested = -1;
+    const ex = new LocalExecutor();
+    await ex.start(
+      session([MODULE], [key('add')], (o) => {
+        outs.push(...o);
+        if (nested === -1) {
+          // Inside a delivery: runNow leaves the new call to the scheduled turn.
+          ex.submit([call('add', [10, 10])]);
+          ex.runNow();
+          nested = outs.length;
+        }
+      }),
+    );
+    ex.runNow();
+    expect(outs).toHaveLength(0);
+    ex.submit([call('add', [1, 1]), call('add', [2, 2])]);
+    ex.runNow();
+    expect(outs.slice(0, 2).map((o) => o.value)).toEqual([2, 4]);
+    expect(nested).toBe(2);
+    await sleep(20);
+    expect(outs.map((o) => o.value)).toEqual([2, 4, 20]);
+    await ex.shutdown();
+  });
+});

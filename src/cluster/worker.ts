@@ -40,7 +40,7 @@ import { CancelledError, TaskSerializationError, WeftError, WorkerLostError, typ
 import { LocalExecutor } from '../executor/local.ts';
 import { PoolExecutor } from '../executor/pool.ts';
 import { resolveTask } from '../executor/pool-tasks.ts';
-import type { Executor, Outcome, OutcomeStatus, TaskCall } from '../executor/types.ts';
+import type { Executor, ExecutorSession, Outcome, OutcomeStatus, TaskCall } from '../executor/types.ts';
 import { context, type TaskContext } from '../flow/context.ts';
 import { getTask, registerTask } from '../flow/registry.ts';
 import { BundleCache, defaultBundleDir } from './bundle.ts';
@@ -567,7 +567,11 @@ class WorkerCore {
     this.heartbeatMs = Math.max(10, w.heartbeatMs > 0 ? w.heartbeatMs : 1000);
     this.maxFrameBytes = Math.min(w.maxFrameBytes, conn.codec.maxFrameBytes);
     conn.label = `scheduler ${this.url} (as ${this.id})`;
-    conn.onMessages = (msgs: Message[]) => dispatch(this.handlers, msgs);
+    conn.onMessages = (msgs: Message[]) => {
+      dispatch(this.handlers, msgs);
+      // Calls that arrived in this frame start now, not a turn of the event loop later.
+      if (this.pumpScheduled) this.pump();
+    };
     conn.onDrain = () => {
       this.flushOutbox();
       this.flushLogs();
@@ -735,23 +739,30 @@ class WorkerCore {
     const rs: RunState = { run, executor, status: 'starting', startError: null, queue: [], head: 0, byNode: new Map() };
     this.runs.set(run, rs);
     const gen = this.gen;
+    const session = (mods: readonly string[]): ExecutorSession => ({
+      flowName,
+      modules: mods,
+      // No keys up front: a key that does not resolve fails only the calls that use it.
+      taskKeys: [],
+      parameters,
+      onOutcomes: (outs) => {
+        // Outside any task's console capture: this is the worker's own code. (run(null),
+        // not exit(): exit() turns the async hooks off and on again, a cost per call.)
+        captureStore.run(null, () => this.onOutcomes(rs, outs));
+      },
+    });
+    // The modules of an earlier run: the inline executor starts at once (no promise turns
+    // before the first call can run).
+    if (bundle === '' && executor instanceof LocalExecutor && executor.startNow(session(modules))) {
+      rs.status = 'ready';
+      return rs;
+    }
     // A bundle replaces the modules: its file (fetched once per hash) is what the executor imports.
     const code = bundle === '' ? Promise.resolve(modules) : this.bundles.get(bundle).then((url) => [url]);
     code
       .then((mods) => {
         if (rs.status !== 'starting') return;
-        return executor.start({
-          flowName,
-          modules: mods,
-          // No keys up front: a key that does not resolve fails only the calls that use it.
-          taskKeys: [],
-          parameters,
-          onOutcomes: (outs) => {
-            // Outside any task's console capture: this is the worker's own code. (run(null),
-            // not exit(): exit() turns the async hooks off and on again, a cost per call.)
-            captureStore.run(null, () => this.onOutcomes(rs, outs));
-          },
-        });
+        return executor.start(session(mods));
       })
       .then(
         () => {
@@ -998,8 +1009,7 @@ class WorkerCore {
     if (this.pumpScheduled) return;
     this.pumpScheduled = true;
     setImmediate(() => {
-      this.pumpScheduled = false;
-      this.pump();
+      if (this.pumpScheduled) this.pump();
     });
   }
 
@@ -1022,7 +1032,9 @@ class WorkerCore {
    * calls execute, so that the rest stay here where the scheduler can steal them.
    */
   private pump(): void {
+    this.pumpScheduled = false;
     if (this.stopping) return;
+    let inline: LocalExecutor[] | null = null;
     for (const rs of this.runs.values()) {
       if (rs.status !== 'ready') continue;
       const q = rs.queue;
@@ -1057,8 +1069,12 @@ class WorkerCore {
       } catch (err) {
         const e = wireError(err);
         for (const wc of handed as WorkCall[]) this.endCall(wc, 'error', e);
+        continue;
       }
+      if (rs.executor instanceof LocalExecutor) (inline ??= []).push(rs.executor);
     }
+    // Inline executors run what they were given now, not a turn of the event loop later.
+    if (inline !== null) for (const ex of inline) ex.runNow();
   }
 
   /** The executor's view of a call: no deps, and in inline mode the capturing wrapper's key. */

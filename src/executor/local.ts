@@ -19,7 +19,7 @@ import { performance } from 'node:perf_hooks';
 import { setCurrentContext, type TaskContext } from '../flow/context.ts';
 import { CancelledError, TaskTimeoutError, serializeError, type SerializedError } from '../errors.ts';
 import { getTask } from '../flow/registry.ts';
-import { loadTasks, resolveTask, type TaskFn } from './pool-tasks.ts';
+import { loadTasks, modulesLoaded, resolveTask, type TaskFn } from './pool-tasks.ts';
 import type { Executor, ExecutorSession, Outcome, OutcomeStatus, TaskCall } from './types.ts';
 
 export interface LocalExecutorOptions {
@@ -72,9 +72,16 @@ export class LocalExecutor implements Executor {
   private lastKey = '';
   private lastFn: TaskFn | null = null;
   private readonly origin = performance.timeOrigin;
+  /** Inside `drain` (a task or a delivery is on the stack): `runNow` leaves it to the scheduled turn. */
+  private draining = false;
   private readonly drainCb = (): void => {
     this.immediate = null;
-    this.drain();
+    this.draining = true;
+    try {
+      this.drain();
+    } finally {
+      this.draining = false;
+    }
   };
 
   constructor(options: LocalExecutorOptions = {}) {
@@ -87,6 +94,21 @@ export class LocalExecutor implements Executor {
   async start(session: ExecutorSession): Promise<void> {
     if (this.session !== null) throw new Error('LocalExecutor.start() called twice');
     await loadTasks(session.modules, session.taskKeys, 'this thread');
+    this.begin(session);
+  }
+
+  /**
+   * `start` without a wait, when nothing needs importing (every module was imported here
+   * before and no task key is asked for): true once started, false to call `start`.
+   */
+  startNow(session: ExecutorSession): boolean {
+    if (this.session !== null) throw new Error('LocalExecutor.start() called twice');
+    if (session.taskKeys.length > 0 || !modulesLoaded(session.modules)) return false;
+    this.begin(session);
+    return true;
+  }
+
+  private begin(session: ExecutorSession): void {
     this.session = session;
     this.ctx = {
       flowName: session.flowName,
@@ -151,6 +173,18 @@ export class LocalExecutor implements Executor {
       this.out = [];
     }
     return Promise.resolve();
+  }
+
+  /**
+   * Run the queued calls now rather than at the next turn of the event loop (for a caller
+   * that hands calls over from a macrotask of its own, like a cluster worker: no turn in
+   * between). Does nothing inside a task or a delivery, nor with nothing queued.
+   */
+  runNow(): void {
+    if (this.immediate === null || this.draining) return;
+    clearImmediate(this.immediate);
+    this.immediate = null;
+    this.drainCb();
   }
 
   private schedule(): void {

@@ -18,6 +18,12 @@ export function taskNameOf(key: string): string {
 const imported = new Set<string>();
 
 /** Import the run's modules, then resolve every task key (in order). Throws TaskResolutionError. */
+/** Whether every one of `modules` was imported here already (`loadTasks` would import nothing). */
+export function modulesLoaded(modules: readonly string[]): boolean {
+  for (const url of modules) if (!imported.has(url)) return false;
+  return true;
+}
+
 export async function loadTasks(modules: readonly string[], taskKeys: readonly string[], where = 'a worker'): Promise<TaskFn[]> {
   // Everything already registered here (the thread that built the flow, a warm worker):
   // import nothing. Importing would also deadlock a module that runs its flow with a
