@@ -383,6 +383,21 @@ describe('ClusterExecutor against a scheduler with two worker processes', () => 
     expect(best).toBeGreaterThanOrEqual(0.75);
   });
 
+  it('back-to-back one-task runs on an idle cluster go to the same (warm) worker; parallel tasks still spread', async () => {
+    const one = flow('cc-sticky', () => ({ s: square(3) }));
+    const seen: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const r = await one.run({ executor: executor() });
+      expect(r.result(one.outputs.s)).toBe(9);
+      seen.push(r.tasks.find((t) => t.key === 'square')!.worker!);
+    }
+    expect(new Set(seen).size).toBe(1);
+    const wide = flow('cc-spread', () => ({ a: nap(200), b: nap(200), c: nap(200), d: nap(200) }));
+    const r = await wide.run({ executor: executor() });
+    expect(r.state).toBe('Success');
+    expect(new Set(r.tasks.map((t) => t.worker)).size).toBe(2);
+  });
+
   it('keepResults: false fetches no result', async () => {
     const f = flow('cc-no-results', () => ({ t: total([1, 2, 3]) }));
     const r = await f.run({ executor: executor(), keepResults: false });
