@@ -432,6 +432,8 @@ export class SchedulerServer {
           parameters: m.parameters,
           onOutcomes: (outs) => this.sendCallOutcomes(c, m.session, outs),
         });
+        // Also to a client that does not wait for it (its calls came with the open): the
+        // slot count, and the frame wakes it while the calls run (it answers faster).
         c.conn.send({ op: 'sessionReady', session: m.session, slots: this.fleet.slots });
       },
       submit: (m) => {
@@ -450,7 +452,11 @@ export class SchedulerServer {
       heartbeat: () => undefined,
       error: (m) => this.log(`client ${c.name} reports: ${m.error.name}: ${m.error.message}`),
     };
-    conn.onMessages = (msgs: Message[]) => dispatch(handlers, msgs);
+    conn.onMessages = (msgs: Message[]) => {
+      dispatch(handlers, msgs);
+      // The calls this frame submitted go to their workers now, before anything for the client.
+      this.fleet.flush();
+    };
     conn.onClose = (reason, code) => {
       this.clients.delete(id);
       if (!this.closing && code !== 'CLOSED') this.log(`client ${c.name} disconnected (${code}): ${reason}`);
