@@ -569,8 +569,13 @@ class WorkerCore {
     conn.label = `scheduler ${this.url} (as ${this.id})`;
     conn.onMessages = (msgs: Message[]) => {
       dispatch(this.handlers, msgs);
-      // Calls that arrived in this frame start now, not a turn of the event loop later.
+      // Calls that arrived in this frame start now, not a turn of the event loop later,
+      // and the outcomes of those that ended at once go out with no turn either.
       if (this.pumpScheduled) this.pump();
+      if (this.outboxScheduled) {
+        this.outboxScheduled = false;
+        this.flushOutbox();
+      }
     };
     conn.onDrain = () => {
       this.flushOutbox();
@@ -1235,6 +1240,7 @@ class WorkerCore {
     if (this.outboxScheduled) return;
     this.outboxScheduled = true;
     setImmediate(() => {
+      if (!this.outboxScheduled) return; // flushed at the end of a frame meanwhile
       this.outboxScheduled = false;
       this.flushOutbox();
     });
