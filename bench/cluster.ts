@@ -44,12 +44,13 @@ import { fetchStatus, httpUrlOf, type ClusterStatus } from '../src/cluster/local
 import type { Message, WireOutcome } from '../src/cluster/protocol.ts';
 import type { SchedulerServer } from '../src/cluster/scheduler.ts';
 import { ClusterExecutor } from '../src/executor/cluster.ts';
-import type { Executor, ExecutorSession, TaskCall } from '../src/executor/types.ts';
+import type { Executor, ExecutorSession, Outcome, TaskCall } from '../src/executor/types.ts';
 import type { GraphSpec } from '../src/flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../src/runner/types.ts';
 import type { BaselineResult } from './baselines.ts';
 import type { CreateExecutorFn, RunFlowFn } from './harness.ts';
 import { independent, tree } from './shapes.ts';
+import { TASKS_MODULE, taskKey } from './tasks.ts';
 import { collectGarbage, median, timeRuns, usPer } from './stats.ts';
 
 /** The repository root: child processes run there, so `ws`, `msgpackr` and `tsx` resolve. */
@@ -575,8 +576,14 @@ export class BenchClusterExecutor implements Executor {
 export interface LatencyResult {
   readonly shape: 'latency';
   readonly executor: string;
+  /**
+   * 'flow run': `runFlow` of a one-task graph, to its result (the runner's set-up, the
+   * run's own session and records included). 'one call': one call submitted on an open
+   * executor session, to its outcome at the client (dask's `client.submit(f).result()`).
+   */
+  readonly measures: 'flow run' | 'one call';
   readonly workers: number;
-  /** Timed one-task runs (sequential). */
+  /** Timed one-task runs or calls (sequential). */
   readonly n: number;
   readonly warmup: number;
   readonly median_us: number;
@@ -622,12 +629,17 @@ export async function benchLatency(
     workers = executor.workers;
     if (i >= 0) samples[i] = dt * 1000;
   }
+  return latencyResult(executorName, 'flow run', workers, n, warmup, samples);
+}
+
+function latencyResult(executor: string, measures: LatencyResult['measures'], workers: number, n: number, warmup: number, samples: readonly number[]): LatencyResult {
   const sorted = [...samples].sort((a, b) => a - b);
   let sum = 0;
   for (const s of samples) sum += s;
   return {
     shape: 'latency',
-    executor: executorName,
+    executor,
+    measures,
     workers,
     n,
     warmup,
@@ -637,6 +649,51 @@ export async function benchLatency(
     min_us: sorted[0]!,
     mean_us: sum / n,
   };
+}
+
+/**
+ * `n` sequential calls of the `one` task (returning 1) on one session of one executor
+ * (`start` once): each timed from `submit` to its outcome at the client. The session
+ * ends with the measurement (`shutdown`); the caller releases shared executors.
+ */
+export async function benchCallLatency(
+  executorName: string,
+  settings: { workers: number },
+  n: number,
+  deps: { createExecutor: CreateExecutorFn; warmup?: number },
+): Promise<LatencyResult> {
+  if (!Number.isSafeInteger(n) || n < 1) throw new RangeError(`latency: n must be a positive integer (got ${n})`);
+  const warmup = deps.warmup ?? Math.min(100, Math.max(10, Math.ceil(n / 10)));
+  const executor = await deps.createExecutor(executorName, settings);
+  let deliver: ((outs: readonly Outcome[]) => void) | null = null;
+  const key = taskKey('one');
+  await executor.start({
+    flowName: 'bench-latency-calls',
+    modules: [TASKS_MODULE],
+    taskKeys: [key],
+    parameters: {},
+    onOutcomes: (outs) => deliver?.(outs),
+  });
+  const samples = new Array<number>(n);
+  try {
+    for (let i = -warmup; i < n; i++) {
+      const id = i + warmup;
+      const got = new Promise<readonly Outcome[]>((resolve) => (deliver = resolve));
+      const t0 = performance.now();
+      executor.submit([{ id, runId: 1, taskKey: key, key: 'one', args: [], timeoutMs: 0, mapIndex: -1, attempt: 1, loopCount: 0, loopResult: undefined }]);
+      const outs = await got;
+      const dt = performance.now() - t0;
+      const o = outs[0];
+      if (outs.length !== 1 || o === undefined || o.id !== id || o.status !== 'ok' || o.value !== 1) {
+        throw new Error(`latency on ${executorName}: call ${id} ended ${JSON.stringify(outs.map((x) => ({ id: x.id, status: x.status, value: x.value })))}, expected ok with 1`);
+      }
+      if (i >= 0) samples[i] = dt * 1000;
+    }
+  } finally {
+    deliver = null;
+    await executor.shutdown();
+  }
+  return latencyResult(executorName, 'one call', executor.workers, n, warmup, samples);
 }
 
 // ---- the scheduler with simulated workers -----------------------------------------------

@@ -168,11 +168,12 @@ export function latencyTable(rows: readonly LatencyResult[], baselines: readonly
   const pm = rt('postmessage-roundtrip');
   const relay = rt('ws-msgpackr-relay');
   return table(
-    ['executor', 'workers', 'runs', 'median µs', 'p90 µs', 'p99 µs', 'min µs', 'ws round trips', 'postMessage round trips', 'relay floors', 'target µs', 'met'],
+    ['executor', 'measures', 'workers', 'runs', 'median µs', 'p90 µs', 'p99 µs', 'min µs', 'ws round trips', 'postMessage round trips', 'relay floors', 'target µs', 'met'],
     rows.map((r) => {
       const cluster = r.executor.startsWith('cluster');
       return [
         r.executor,
+        r.measures,
         String(r.workers),
         String(r.n),
         fmt(r.median_us),

@@ -124,17 +124,26 @@ describe('weft bench on a cluster', () => {
     expect(await settledHandles(before)).toBe(before);
   });
 
-  it('--shape latency on cluster-warm: median and p90 of one-task runs', async () => {
+  it('--shape latency on cluster-warm: median and p90 of one-task flow runs and of single calls, against the relay floor', async () => {
     const before = openHandles();
     const io = captureIO(dir);
     const out = join(dir, 'latency.json');
     const code = await benchCommand(['--shape', 'latency', '--executor', 'cluster-warm', '--n', '20', '--runs', '1', '--json', out], io);
     expect(code, io.errText()).toBe(0);
-    const doc = JSON.parse(readFileSync(out, 'utf8')) as { latency: { executor: string; n: number; median_us: number; p90_us: number }[] };
-    expect(doc.latency).toHaveLength(1);
-    expect(doc.latency[0]!.executor).toBe('cluster-warm');
-    expect(doc.latency[0]!.n).toBe(20);
-    expect(doc.latency[0]!.p90_us).toBeGreaterThanOrEqual(doc.latency[0]!.median_us);
+    const doc = JSON.parse(readFileSync(out, 'utf8')) as {
+      latency: { executor: string; measures: string; n: number; median_us: number; p90_us: number }[];
+      baselines: { name: string }[];
+    };
+    expect(doc.latency.map((r) => [r.executor, r.measures])).toEqual([
+      ['cluster-warm', 'flow run'],
+      ['cluster-warm', 'one call'],
+    ]);
+    for (const r of doc.latency) {
+      expect(r.n).toBe(20);
+      expect(r.p90_us).toBeGreaterThanOrEqual(r.median_us);
+    }
+    expect(doc.baselines.map((b) => b.name)).toContain('ws-msgpackr-relay');
+    expect(io.text()).toMatch(/cluster-warm\s+one call/);
     expect(await settledHandles(before)).toBe(before);
   });
 

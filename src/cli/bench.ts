@@ -144,8 +144,10 @@ thread per run, start-up timed; cluster-warm: one kept-alive cluster): shape run
 the raw ws+msgpackr baselines (echo child processes on loopback, batched and one in
 flight), a ratio to the batched one and the bytes the scheduler relayed.
 --shape latency: --n sequential runs (default ${DEFAULT_LATENCY_RUNS}) of a one-task graph, result
-back at the client, on --executor (default cluster-warm; all = ${LATENCY_EXECUTORS.join(', ')}):
-median, p90, p99 in µs next to the ws and postMessage round trips. --runs does not apply.
+back at the client, then --n single calls on one open session (submit → outcome), on
+--executor (default cluster-warm; all = ${LATENCY_EXECUTORS.join(', ')}): median, p90, p99 in µs
+next to the ws and postMessage round trips and the relay floor (client → relay → echo
+and back: a one-task cluster run's four hops with no work at each). --runs does not apply.
 --shape scheduler: a scheduler in its own process, --sim-workers simulated workers
 (real connections answering every call at once) and an independent graph of --n tasks
 (default 200k) through ClusterExecutor({ address }): assignments/s counted in the
@@ -403,9 +405,10 @@ async function latencyMode(f: Readonly<Record<string, unknown>>, io: BenchIO): P
   const rows: LatencyResult[] = [];
   let failed = false;
   for (const name of executors) {
-    io.stderr.write(`running latency on ${name} (${n} one-task runs after a warm-up)\n`);
+    io.stderr.write(`running latency on ${name} (${n} one-task flow runs, then ${n} calls on one session, after warm-ups)\n`);
     try {
       rows.push(await c.benchLatency(name, { workers }, n, { runFlow, createExecutor }));
+      rows.push(await c.benchCallLatency(name, { workers }, n, { createExecutor }));
     } catch (err) {
       failed = true;
       io.stderr.write(`weft bench: latency on ${name} failed: ${errorText(err)}\n`);
