@@ -1253,6 +1253,8 @@ class WorkerCore {
       this.outbox.clear();
       return;
     }
+    // A task's console lines go ahead of its outcome, so its owner sees them before the result.
+    if (this.logBuf.length > 0) this.flushLogs();
     for (const [run, outcomes] of this.outbox) {
       if (!conn.send({ op: 'outcomes', run, outcomes })) return;
       this.outbox.delete(run);
