@@ -43,6 +43,11 @@ Usage:
   weft scheduler [options]         run a cluster scheduler (workers and clients connect to it)
   weft worker <address> [options]  run a cluster worker connected to the scheduler at <address>
   weft bench [options]             run the benchmarks
+  weft server [options]            run the backend server (flows, runs, logs; SQLite or PostgreSQL)
+  weft register <flow file> --project P   build the flow's storage and register it with the server
+  weft flows | weft runs [...]     list registered flows and their runs; runs logs/cancel
+  weft agent local|docker|kubernetes      start flow runs per their run config
+  weft execute flow-run <id>       run one flow run (what agents start)
   weft help [command]              show help for a command
   weft --version                   print the version
 
@@ -108,6 +113,16 @@ export async function main(argv: string[], io: CliIO = processIO()): Promise<num
         return await workerCommand(rest);
       case 'bench':
         return await benchCommand(rest);
+      case 'server':
+        return (await import('./server.ts')).serverCommand(rest, io);
+      case 'agent':
+        return (await import('./agent.ts')).agentCommand(rest, io);
+      case 'execute':
+        return (await import('./execute.ts')).executeCommand(rest, io);
+      case 'register':
+      case 'flows':
+      case 'runs':
+        return (await import('./deploy.ts')).deployCommand(command, rest, io);
       default:
         io.stderr.write(
           `weft: ${command.startsWith('-') ? `unknown flag ${command}` : `unknown command '${command}'`}\n\n${USAGE}\n`,
@@ -140,6 +155,13 @@ async function helpCommand(args: readonly string[], io: CliIO): Promise<number> 
       return workerCommand(['--help']);
     case 'bench':
       return benchCommand(['--help']);
+    case 'server':
+    case 'agent':
+    case 'execute':
+    case 'register':
+    case 'flows':
+    case 'runs':
+      return main([topic, '--help'], io);
     default:
       io.stderr.write(`weft: no help for unknown command '${topic}'\n\n${USAGE}\n`);
       return EXIT_USAGE;
