@@ -122,6 +122,12 @@ export class ClusterExecutor implements Executor {
     return this.options.address ?? this.cluster?.address ?? '';
   }
 
+  /** How it was configured: a cluster's address, or a temporary cluster's size (what `weft register` records). */
+  get settings(): { readonly address?: string; readonly workers?: number; readonly threads?: number } {
+    const o = this.options;
+    return o.address !== undefined ? { address: o.address } : { workers: o.adapt?.min ?? o.workers ?? 2, threads: o.threads ?? 1 };
+  }
+
   /** The temporary cluster, while it runs (null with an address). */
   get localCluster(): LocalCluster | null {
     return this.cluster;

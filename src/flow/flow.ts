@@ -16,6 +16,9 @@
  */
 import { WeftError } from '../errors.ts';
 import type { Executor } from '../executor/types.ts';
+import type { RunConfig } from '../run-config/index.ts';
+import type { Schedule } from '../server/model.ts';
+import type { Storage } from '../storage/types.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 import { GraphBuilder, requireBuilder, withBuilder, type ParameterType } from './builder.ts';
 import type { MapArgs, Ref, TaskArgs } from './ref.ts';
@@ -28,8 +31,14 @@ export interface FlowOptions<O> {
    * outputs. Default: the terminal nodes (no downstream, counting ordering edges).
    */
   referenceTasks?: readonly Ref<unknown>[] | ((outputs: O) => readonly Ref<unknown>[]);
-  /** Default executor of `run()` (a `RunOptions.executor` overrides it). */
+  /** Default executor of `run()` (a `RunOptions.executor` overrides it); also what a registered flow's runs use. */
   executor?: Executor;
+  /** Where `weft register` keeps the flow's code (default: LocalStorage). */
+  storage?: Storage;
+  /** Where and how a registered flow's runs start (default: UniversalRun, any agent). */
+  runConfig?: RunConfig;
+  /** Clocks that create runs of the registered flow. */
+  schedule?: Schedule;
 }
 
 export interface ParameterOptions {
@@ -52,6 +61,10 @@ export class Flow<O = unknown> {
   readonly outputs: O;
   /** Default executor of `run()`. */
   executor: Executor | undefined;
+  /** Deployment settings, read by `weft register` (Prefect 1's `Flow(storage=..., run_config=..., schedule=...)`). */
+  storage: Storage | undefined;
+  runConfig: RunConfig | undefined;
+  schedule: Schedule | undefined;
   readonly #graph: GraphBuilder;
 
   constructor(name: string, builder?: (flow: Flow<O>) => O, opts: FlowOptions<O> = {}) {
@@ -59,6 +72,9 @@ export class Flow<O = unknown> {
     this.name = name;
     this.#graph = new GraphBuilder(name);
     this.executor = opts.executor;
+    this.storage = opts.storage;
+    this.runConfig = opts.runConfig;
+    this.schedule = opts.schedule;
     this.outputs = (builder === undefined ? undefined : this.build(builder)) as O;
     const rt = opts.referenceTasks;
     if (rt !== undefined) this.#graph.setReferenceTasks(typeof rt === 'function' ? rt(this.outputs) : rt);
