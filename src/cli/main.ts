@@ -65,10 +65,18 @@ const RUN_FLAGS: readonly FlagSpec[] = [
   { name: 'restart', kind: 'string', value: 'RUN.json', help: 'restart an earlier run from its --json file: tasks that succeeded there load their checkpointed results instead of running' },
   { name: 'flow', short: 'f', kind: 'string', value: 'NAME', help: 'which flow to run when the file exports several (export or flow name)' },
   { name: 'quiet', short: 'q', kind: 'boolean', help: 'no progress and no table: print only the final line' },
+  { name: 'remote', kind: 'boolean', help: 'run a registered flow (by name) on the server: an agent starts it; follow its progress here' },
+  { name: 'project', short: 'P', kind: 'string', value: 'NAME', help: "with --remote: the flow's project (when names repeat)" },
+  { name: 'label', short: 'l', kind: 'list', value: 'LABEL', help: 'with --remote: a label the run carries (repeatable)' },
+  { name: 'server', kind: 'string', value: 'URL', help: 'with --remote: the weft server (default $WEFT_SERVER, else http://127.0.0.1:4200); --token-file is then its API token' },
   { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
 ];
 
+const REMOTE_ONLY = ['project', 'label', 'server'];
+const LOCAL_ONLY = ['executor', 'threads', 'address', 'workers', 'bundle', 'json', 'restart', 'flow'];
+
 const RUN_USAGE = `Usage: weft run <flow file> [options]
+       weft run <flow name> --remote [--project P] [--param NAME=VALUE] [--label L]
 
 Loads the file (TypeScript or JavaScript), finds the flow it exports (the default export,
 else the only exported flow) and runs it. Progress goes to stderr, the summary to stdout.
@@ -84,7 +92,8 @@ Examples:
   weft run examples/etl.ts --param records=5000 --param dryRun=true
   weft run flows.ts --flow nightly --executor pool --threads 4 --json run.json
   weft run examples/etl.ts --executor cluster --workers 4
-  weft run examples/etl.ts --address ws://10.0.0.5:8786 --token-file ~/.weft/token`;
+  weft run examples/etl.ts --address ws://10.0.0.5:8786 --token-file ~/.weft/token
+  weft run etl --remote --project data --param records=5000`;
 
 export async function main(argv: string[], io: CliIO = processIO()): Promise<number> {
   const [command, ...rest] = argv;
@@ -195,6 +204,26 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
     return EXIT_OK;
   }
   const [file, ...extra] = positionals;
+  if (flags.remote === true) {
+    if (file === undefined) throw new UsageError('missing the name of a registered flow');
+    if (extra.length > 0) throw new UsageError(`expected one flow name, also got '${extra.join(' ')}'`);
+    const local = LOCAL_ONLY.find((f) => flags[f] !== undefined);
+    if (local !== undefined) throw new UsageError(`--${local} applies to a local run, not --remote (the flow's registered settings apply)`);
+    const { remoteRun } = await import('./deploy.ts');
+    return remoteRun(
+      flags,
+      {
+        flowName: file,
+        ...(typeof flags.project === 'string' ? { project: flags.project } : {}),
+        parameters: parseParams(Array.isArray(flags.param) ? flags.param : []),
+        labels: Array.isArray(flags.label) ? flags.label : [],
+        quiet: flags.quiet === true,
+      },
+      io,
+    );
+  }
+  const remoteFlag = REMOTE_ONLY.find((f) => flags[f] !== undefined);
+  if (remoteFlag !== undefined) throw new UsageError(`--${remoteFlag} applies to --remote runs only`);
   if (file === undefined) throw new UsageError('missing the flow file');
   if (extra.length > 0) throw new UsageError(`expected one flow file, also got '${extra.join(' ')}'`);
 

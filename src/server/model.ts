@@ -156,6 +156,11 @@ export interface ClaimInput {
   /** Runs whose scheduledStart is at or before this (prefetch: now + 10 s). */
   readonly before: number;
   readonly limit: number;
+  /**
+   * The agent's kind: when given, only runs whose run config that kind of agent starts
+   * (its own kind, or universal). Without it, any run config.
+   */
+  readonly kind?: 'local' | 'docker' | 'kubernetes';
 }
 
 export interface TaskRun {

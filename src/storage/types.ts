@@ -10,7 +10,14 @@ import type { Backend } from '../server/model.ts';
 
 export type StorageRef =
   /** A flow file on one machine: only an agent on `host` can load it. */
-  | { readonly kind: 'local'; readonly path: string; readonly host: string; readonly flow: string }
+  | {
+      readonly kind: 'local';
+      readonly path: string;
+      readonly host: string;
+      readonly flow: string;
+      /** Set when `path` is a bundle weft keeps (`LocalStorage({ directory })`): the sha256 of its unlinked code. */
+      readonly hash?: string;
+    }
   /** An installed package's module, by import specifier (resolved from `cwd` when given). */
   | { readonly kind: 'module'; readonly specifier: string; readonly cwd?: string; readonly flow: string }
   /** An esbuild bundle kept by the server, by sha256. */
@@ -23,10 +30,21 @@ export type StorageRef =
       readonly hash: string;
       readonly endpoint?: string;
       readonly region?: string;
+      /** Path-style addressing (`endpoint/bucket/key`), as S3-compatible services want; default: true when `endpoint` is set. */
+      readonly forcePathStyle?: boolean;
       readonly flow: string;
     }
   /** A file in a git repository at a branch, tag or commit (`commit` pins what was registered when known). */
-  | { readonly kind: 'git'; readonly url: string; readonly ref: string; readonly path: string; readonly commit?: string; readonly flow: string }
+  | {
+      readonly kind: 'git';
+      readonly url: string;
+      readonly ref: string;
+      readonly path: string;
+      readonly commit?: string;
+      /** History fetched at load (default 1). */
+      readonly depth?: number;
+      readonly flow: string;
+    }
   /** A file inside a Docker image built (and pushed) at registration. */
   | { readonly kind: 'docker'; readonly image: string; readonly path: string; readonly flow: string };
 
@@ -42,11 +60,20 @@ export interface BuildContext {
   readonly log?: (line: string) => void;
 }
 
+/** Keys for an S3-compatible service. Never part of a `StorageRef`: each side brings its own. */
+export interface S3Credentials {
+  readonly accessKeyId: string;
+  readonly secretAccessKey: string;
+  readonly sessionToken?: string;
+}
+
 export interface LoadContext {
   readonly backend?: Backend;
   /** Scratch space for clones and downloads (the loader may create it). */
   readonly workDir: string;
   readonly log?: (line: string) => void;
+  /** S3 keys for `s3` refs; default: the AWS SDK's chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, profiles...). */
+  readonly s3?: { readonly credentials?: S3Credentials };
 }
 
 /** What `load` gives: a module to import and the flow's name in it. */
