@@ -123,15 +123,15 @@ export async function main(argv: string[], io: CliIO = processIO()): Promise<num
       case 'bench':
         return await benchCommand(rest);
       case 'server':
-        return (await import('./server.ts')).serverCommand(rest, io);
+        return await (await import('./server.ts')).serverCommand(rest, io);
       case 'agent':
-        return (await import('./agent.ts')).agentCommand(rest, io);
+        return await (await import('./agent.ts')).agentCommand(rest, io);
       case 'execute':
-        return (await import('./execute.ts')).executeCommand(rest, io);
+        return await (await import('./execute.ts')).executeCommand(rest, io);
       case 'register':
       case 'flows':
       case 'runs':
-        return (await import('./deploy.ts')).deployCommand(command, rest, io);
+        return await (await import('./deploy.ts')).deployCommand(command, rest, io);
       default:
         io.stderr.write(
           `weft: ${command.startsWith('-') ? `unknown flag ${command}` : `unknown command '${command}'`}\n\n${USAGE}\n`,
@@ -210,7 +210,7 @@ async function runCommand(args: readonly string[], io: CliIO): Promise<number> {
     const local = LOCAL_ONLY.find((f) => flags[f] !== undefined);
     if (local !== undefined) throw new UsageError(`--${local} applies to a local run, not --remote (the flow's registered settings apply)`);
     const { remoteRun } = await import('./deploy.ts');
-    return remoteRun(
+    return await remoteRun(
       flags,
       {
         flowName: file,
