@@ -23,6 +23,7 @@ import { mkdir, rename, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve as resolvePath, sep } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import type { StdinOptions } from 'esbuild';
 import { WeftError } from '../errors.ts';
 
 /** This package's root (`file:///…/`) and its `src/` directory as a path. */
@@ -56,17 +57,45 @@ export function isBundleHash(s: string): boolean {
  * Throws a WeftError BUNDLE_BUILD naming the first esbuild errors.
  */
 export async function buildBundle(modules: readonly string[]): Promise<Bundle> {
-  const { build } = await import('esbuild');
   const paths: string[] = [];
   for (const m of modules) {
     if (!m.startsWith('file://')) throw new WeftError('BUNDLE_BUILD', `cannot bundle module ${m}: only file: URLs can be bundled`);
     const p = fileURLToPath(m);
     if (!isOwn(p)) paths.push(p);
   }
+  const { js, map } = await esbuildBundle(
+    { stdin: { contents: paths.map((p) => `import ${JSON.stringify(p)};`).join('\n'), resolveDir: '/', sourcefile: 'weft-bundle-entry.js', loader: 'js' } },
+    true,
+    modules.join(', '),
+  );
+  // The map's sources as the original file URLs (what task keys are made of), inline.
+  const sm = JSON.parse(map!) as { sources: string[] };
+  sm.sources = sm.sources.map((s) => (s.includes(':') || s.startsWith('<') ? s : pathToFileURL(resolvePath(dirname(OUTFILE), s)).href));
+  const body = js.replace(/\n\/\/# sourceMappingURL=\S*\s*$/, '\n');
+  const text = `${body}//# sourceMappingURL=data:application/json;base64,${Buffer.from(JSON.stringify(sm)).toString('base64')}\n`;
+  const code = new TextEncoder().encode(text);
+  return { hash: bundleHash(code), code };
+}
+
+/**
+ * One ESM bundle of the module `file` (a path) that keeps its exports, with no source
+ * map: the code storages ship a flow this way (a loader imports the bundle and finds the
+ * flow among its exports; without a map its tasks are keyed by the file the loader
+ * writes). Same rules as `buildBundle` otherwise; throws a WeftError BUNDLE_BUILD.
+ */
+export async function bundleModule(file: string): Promise<Bundle> {
+  const { js } = await esbuildBundle({ entryPoints: [file] }, false, file);
+  const code = new TextEncoder().encode(js);
+  return { hash: bundleHash(code), code };
+}
+
+/** The esbuild run both bundles share: weft's own files external, names kept, a `require` for CommonJS. */
+async function esbuildBundle(input: { stdin: StdinOptions } | { entryPoints: string[] }, sourcemap: boolean, what: string): Promise<{ js: string; map: string | null }> {
+  const { build } = await import('esbuild');
   let result;
   try {
     result = await build({
-      stdin: { contents: paths.map((p) => `import ${JSON.stringify(p)};`).join('\n'), resolveDir: '/', sourcefile: 'weft-bundle-entry.js', loader: 'js' },
+      ...input,
       bundle: true,
       format: 'esm',
       platform: 'node',
@@ -74,7 +103,7 @@ export async function buildBundle(modules: readonly string[]): Promise<Bundle> {
       outfile: OUTFILE,
       absWorkingDir: '/',
       write: false,
-      sourcemap: 'external',
+      sourcemap: sourcemap ? 'external' : false,
       sourcesContent: false,
       // Task names default to function names: renaming a clashing top-level function must not change them.
       keepNames: true,
@@ -104,21 +133,15 @@ export async function buildBundle(modules: readonly string[]): Promise<Bundle> {
       errors !== undefined && errors.length > 0
         ? errors
             .slice(0, 3)
-            .map((e) => (e.location != null ? `${e.location.file}:${e.location.line}: ${e.text}` : e.text))
+            .map((e) => (e.location != null ? `${resolvePath('/', e.location.file)}:${e.location.line}: ${e.text}` : e.text))
             .join('; ')
-        : (err as Error).message;
-    throw new WeftError('BUNDLE_BUILD', `cannot bundle ${modules.join(', ')}: ${detail}`, { cause: err });
+        : ((err as Error).message.split('\n')[0] ?? '');
+    throw new WeftError('BUNDLE_BUILD', `cannot bundle ${what}: ${detail}`, { cause: err });
   }
   const js = result.outputFiles.find((f) => f.path.endsWith('.mjs'));
   const map = result.outputFiles.find((f) => f.path.endsWith('.map'));
-  if (js === undefined || map === undefined) throw new WeftError('BUNDLE_BUILD', `esbuild produced no output for ${modules.join(', ')}`);
-  // The map's sources as the original file URLs (what task keys are made of), inline.
-  const sm = JSON.parse(map.text) as { sources: string[] };
-  sm.sources = sm.sources.map((s) => (s.includes(':') || s.startsWith('<') ? s : pathToFileURL(resolvePath(dirname(OUTFILE), s)).href));
-  const body = js.text.replace(/\n\/\/# sourceMappingURL=\S*\s*$/, '\n');
-  const text = `${body}//# sourceMappingURL=data:application/json;base64,${Buffer.from(JSON.stringify(sm)).toString('base64')}\n`;
-  const code = new TextEncoder().encode(text);
-  return { hash: bundleHash(code), code };
+  if (js === undefined || (sourcemap && map === undefined)) throw new WeftError('BUNDLE_BUILD', `esbuild produced no output for ${what}`);
+  return { js: js.text, map: map?.text ?? null };
 }
 
 function isOwn(path: string): boolean {

@@ -12,11 +12,8 @@
 import type { SerializedError } from '../errors.ts';
 import type { GraphSpec, TaskStateName } from '../flow/spec.ts';
 import type { FlowRunResult, NodeRef, RunProgress, TaskRunRecord } from '../runner/types.ts';
-import { isFinished, STATE_NAMES } from '../scheduler/states.ts';
+import { FINISHED_STATE_NAMES as FINISHED } from '../scheduler/states.ts';
 import { ProtocolError, STATE_ORDER, type RunRecords } from './protocol.ts';
-
-/** States a task run does not leave again (the core's `isFinished`, by name). */
-const FINISHED: ReadonlySet<TaskStateName> = new Set(STATE_NAMES.filter((_, code) => isFinished(code)));
 
 /** What a finished run counts as failed in progress reports. */
 const FAILED: ReadonlySet<TaskStateName> = new Set<TaskStateName>(['Failed', 'TimedOut', 'TriggerFailed']);

@@ -19,18 +19,9 @@
  */
 import type { TaskStateName } from '../flow/spec.ts';
 import type { TaskStateEvent } from '../runner/types.ts';
+import { FINISHED_STATE_NAMES } from '../scheduler/states.ts';
 import { BackendError, type Backend, type TaskRun, type TaskRunUpdate } from '../server/model.ts';
 
-const FINAL: ReadonlySet<TaskStateName> = new Set<TaskStateName>([
-  'Success',
-  'Cached',
-  'Mapped',
-  'Skipped',
-  'Failed',
-  'TimedOut',
-  'TriggerFailed',
-  'Cancelled',
-]);
 
 export interface TaskStateWriterOptions {
   /** Default 150 ms. */
@@ -97,7 +88,7 @@ export class TaskStateWriter {
     } else p.state = e.to;
     if (e.attempt !== undefined && e.attempt > 0) p.attempts = e.attempt;
     if (e.to === 'Running') p.startedAt = Math.round(e.at);
-    if (FINAL.has(e.to)) p.endedAt = Math.round(e.at);
+    if (FINISHED_STATE_NAMES.has(e.to)) p.endedAt = Math.round(e.at);
     this.arm();
   }
 

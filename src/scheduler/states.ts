@@ -65,6 +65,8 @@ export const STATE_LABELS: readonly string[] = [
 ];
 
 export const isFinished = (s: StateCode): boolean => s >= SUCCESS;
+/** The states a task run does not leave again (`isFinished`), by name. */
+export const FINISHED_STATE_NAMES: ReadonlySet<TaskStateName> = new Set(STATE_NAMES.filter((_, code) => isFinished(code)));
 export const isSuccessLike = (s: StateCode): boolean => s === SUCCESS || s === CACHED || s === MAPPED;
 export const isFailedLike = (s: StateCode): boolean => s >= FAILED;
 
