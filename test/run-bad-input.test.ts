@@ -204,7 +204,7 @@ describe('a task that goes wrong at run time', () => {
     const o = f.outputs;
     // Settled at its timeout: the slow task would take 5 s.
     expect(rec(r, o.slow).startMs, 'startMs of a task run that ran').toBeGreaterThan(0);
-    expect(rec(r, o.slow).endMs - rec(r, o.slow).startMs).toBeLessThan(1_500);
+    expect(rec(r, o.slow).endMs - rec(r, o.slow).startMs).toBeLessThan(3_000);
 
     const threw = rec(r, o.threw);
     expect(threw.state).toBe('Failed');

@@ -357,8 +357,9 @@ describe.each(EXECUTORS)('flow runs on $name', ({ make, caps, setup, teardown })
       return { slow, spun, next: label(slow), nextSpun: label.with({ name: 'nextSpun' })(spun), fine: double(8) };
     });
     const r = await run(f);
-    // Settled at its timeout (it would sleep 5 s); worker replacement time is not the point.
-    expect(took(rec(r, f.outputs.slow))).toBeLessThan(1_500);
+    // Settled at its timeout (it would sleep 5 s); worker replacement time is not the point,
+    // and a loaded 2-core CI machine running two test files at once stretches it past 1.5 s.
+    expect(took(rec(r, f.outputs.slow))).toBeLessThan(3_000);
     expect(r.stateOf(f.outputs.slow)).toBe('TimedOut');
     expect(rec(r, f.outputs.slow).error?.name).toBe('TaskTimeoutError');
     expect(rec(r, f.outputs.slow).error?.message).toMatch(/sleepy/);
@@ -380,7 +381,7 @@ describe.each(EXECUTORS)('flow runs on $name', ({ make, caps, setup, teardown })
       // Settled at its timeout; the spin lasts 10 s (20 s for the retried one) and the run
       // ended long before. (Measured from the spinner's dispatch: pool start-up is not the point.)
       const slow = rec(r, f.outputs.slow);
-      expect(took(slow)).toBeLessThan(1_500);
+      expect(took(slow)).toBeLessThan(3_000);
       expect(wallNow() - slow.startMs).toBeLessThan(7_000);
       expect(r.stateOf(f.outputs.slow)).toBe('TimedOut');
       expect(rec(r, f.outputs.slow).error).toMatchObject({ name: 'TaskTimeoutError' });
@@ -429,7 +430,7 @@ describe.each(EXECUTORS)('flow runs on $name', ({ make, caps, setup, teardown })
     expect(r.state).toBe('Cancelled');
     expect(r.stateOf(f.outputs.long)).toBe('Cancelled');
     expect(r.stateOf(f.outputs.next)).toBe('Cancelled');
-    expect(cancelledMs).toBeLessThan(1_000);
+    expect(cancelledMs).toBeLessThan(2_000);
     expect(endedMs).toBeLessThan(5_000); // the task would sleep 10 s
   });
 
@@ -462,7 +463,7 @@ describe.each(EXECUTORS)('flow runs on $name', ({ make, caps, setup, teardown })
       expect(r.stateOf(f.outputs.long)).toBe('Cancelled');
       expect(r.stateOf(f.outputs.next)).toBe('Cancelled');
       // Settled at once (its worker is replaced), and the run ended long before the 10 s spin.
-      expect(cancelledMs).toBeLessThan(1_000);
+      expect(cancelledMs).toBeLessThan(2_000);
       expect(endedMs).toBeLessThan(5_000);
       expect(rec(r, f.outputs.long).error?.name).toBe('CancelledError');
     });
