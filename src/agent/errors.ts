@@ -21,5 +21,6 @@ export function describe(err: unknown): string {
   const text = PLAIN.has(err.name) || network ? first : `${err.name}: ${first}`;
   const cause = (err as { cause?: { code?: unknown; message?: unknown } }).cause;
   const why = typeof cause?.code === 'string' ? cause.code : network && typeof cause?.message === 'string' ? cause.message : undefined;
-  return why !== undefined ? `${text} (${why})` : text;
+  // A message that already names its cause (a StorageError's does) is not told it twice.
+  return why !== undefined && !text.includes(why) ? `${text} (${why})` : text;
 }
