@@ -128,7 +128,7 @@ describe('weft flows and weft runs', () => {
       }
       throw new Error('no run to claim');
     })();
-    const r = await weft(['run', 'real-params', '--remote', '--project', 'cli', '--param', 'n=7', '--label', 'team-a']);
+    const r = await weft(['run', 'real-params', '--remote', '--param', 'n=7', '--label', 'team-a']);
     const runId = await playing;
     expect(r.err).toContain(`run ${runId}: cli/real-params v2 created (Scheduled)`);
     expect(r.out).toMatch(new RegExp(`real-params: Success in \\S+ \\(run ${runId}\\)\\n$`));
@@ -149,6 +149,9 @@ describe('weft flows and weft runs', () => {
     const u = await weft(['run', 'nope', '--remote', '--project', 'cli']);
     expect(u.code).toBe(1);
     expect(u.err).toMatch(/^weft run: the server answered 404/);
+    const bare = await weft(['run', 'nope', '--remote']);
+    expect(bare.code).toBe(2);
+    expect(bare.err).toBe("weft run: no flow named 'nope' is registered (see 'weft flows')\n");
     const p = await weft(['run', 'real-params', '--remote', '--project', 'cli', '--param', 'zzz=1']);
     expect(p.code).toBe(2);
     expect(p.err).toContain('has no parameter zzz');

@@ -22,6 +22,7 @@ import {
   FINAL_FLOW_RUN_STATES,
   type Backend,
   type ExecutorSettings,
+  type FlowRecord,
   type FlowRun,
   type FlowRunState,
   type ParameterInfo,
@@ -454,6 +455,18 @@ async function printLogs(backend: Backend, id: string, follow: boolean, io: CliI
 
 // ---- weft run <flow name> --remote -------------------------------------------------
 
+/**
+ * The flow a user names: `project/name`, an id, or a bare name, which must be unique
+ * across projects unless `project` is given. A string when it names none or several.
+ */
+async function findFlow(backend: Backend, name: string, project: string | undefined): Promise<FlowRecord | string> {
+  if (project !== undefined) return backend.getFlow({ project, name });
+  const flows = (await backend.listFlows({})).filter((f) => f.name === name || f.id === name || `${f.project}/${f.name}` === name);
+  if (flows.length === 1) return flows[0]!;
+  if (flows.length > 1) return `flow '${name}' is in several projects (${flows.map((f) => f.project).join(', ')}): add --project`;
+  return `no flow named '${name}' is registered (see 'weft flows')`;
+}
+
 export interface RemoteRunArgs {
   readonly flowName: string;
   readonly project?: string;
@@ -479,7 +492,11 @@ export async function remoteRun(flags: Readonly<Record<string, FlagValue>>, a: R
     return EXIT_USAGE;
   }
   try {
-    const flow = await backend.getFlow(a.project !== undefined ? { project: a.project, name: a.flowName } : a.flowName);
+    const flow = await findFlow(backend, a.flowName, a.project);
+    if (typeof flow === 'string') {
+      io.stderr.write(`weft run: ${flow}\n`);
+      return EXIT_USAGE;
+    }
     const version = await backend.getFlowVersion(flow.versionId);
     const missing = version.parameters.filter((p) => p.required && !(p.name in a.parameters)).map((p) => p.name);
     if (missing.length > 0) {
