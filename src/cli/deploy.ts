@@ -538,9 +538,11 @@ async function followRun(backend: Backend, created: FlowRun, reporter: ProgressR
         reporter?.log(`run ${run.id}: ${run.state}${run.message !== null ? ` (${run.message})` : ''}`);
         lastState = run.state;
       }
-      const tasks = await backend.getTaskRuns(run.id);
+      // No progress line while the run waits for an agent: it has no task runs yet.
+      const started = run.state !== 'Scheduled' && run.state !== 'Submitted';
+      const tasks = started ? await backend.getTaskRuns(run.id) : [];
       const p = progressOf(tasks, run.startedAt ?? t0);
-      reporter?.update(p);
+      if (started) reporter?.update(p);
       if (FINAL_FLOW_RUN_STATES.includes(run.state)) {
         reporter?.finish(p);
         const failed = tasks.filter((t) => t.state === 'Failed' || t.state === 'TimedOut' || t.state === 'TriggerFailed');
