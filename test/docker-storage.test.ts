@@ -4,7 +4,9 @@
  * bundled into an image FROM a local node image, pushed to the registry, removed from the
  * daemon and pulled back; a container from it — with this checkout bind-mounted
  * read-only at its own path, as the docker agent does — loads the flow from `ref.path`,
- * runs it, and reports the same graph (task keys included) as the original.
+ * runs it, and reports the same graph as the original, its tasks keyed by the bundle
+ * file in the image. A flow whose executor is a pool of threads runs on those threads in
+ * the container: they import the bundle file, not the path the flow had here.
  */
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
@@ -13,6 +15,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { GraphSpec } from '../src/flow/spec.ts';
 import { DockerStorage, IMAGE_BUNDLE_DIR, loadDockerCode, type DockerRef } from '../src/storage/docker.ts';
+import { graphShape, taskModules } from './fixtures/storage/shape.ts';
 import { dockerUnavailable, IMAGES, mountsUnder, pathExists, startDockerd, WEFT_ROOT, weftBind, type TestDockerd } from './helpers/dockerd.ts';
 
 const skip = dockerUnavailable();
@@ -46,12 +49,15 @@ function getJson(url: string): Promise<unknown> {
   });
 }
 
-/** Run the flow inside `image` (flow file at `ref.path`) and return what run-flow.mjs printed. */
-async function runInImage(ref: DockerRef, params: Record<string, unknown>): Promise<{ name: string; spec: GraphSpec; state: string; message: string; outputs: Record<string, unknown> }> {
+/** Load `ref` and run its flow inside `ref.image`, as a flow-run process does; return what run-flow.mjs printed. */
+async function runInImage(
+  ref: DockerRef,
+  params: Record<string, unknown>,
+): Promise<{ module: string; name: string; spec: GraphSpec; state: string; message: string; outputs: Record<string, unknown> }> {
   const e = d.engine;
   const { id } = await e.createContainer({
     image: ref.image,
-    cmd: ['node', RUN_FLOW, ref.path, ref.flow, JSON.stringify(params)],
+    cmd: ['node', RUN_FLOW, JSON.stringify(ref), JSON.stringify(params)],
     workingDir: WEFT_ROOT,
     labels: { 'weft.test': 'storage' },
     hostConfig: { NetworkMode: 'none', Binds: [weftBind] },
@@ -71,7 +77,7 @@ describe.skipIf(skip !== null)('DockerStorage against a real dockerd and registr
   beforeAll(async () => {
     // The flow outside this checkout: only the image can give it to a container.
     flowDir = mkdtempSync('/tmp/weft-docker-flow-');
-    for (const f of ['flow.ts', 'helper.ts']) {
+    for (const f of ['flow.ts', 'helper.ts', 'pool-flow.ts']) {
       writeFileSync(join(flowDir, f), readFileSync(join(FIXTURES, f), 'utf8').replaceAll("'../../../src/index.ts'", JSON.stringify(WEFT_INDEX)));
     }
     flowFile = join(flowDir, 'flow.ts');
@@ -111,12 +117,31 @@ describe.skipIf(skip !== null)('DockerStorage against a real dockerd and registr
     expect(await d.engine.imageExists(ref.image)).toBe(true);
 
     const got = await runInImage(ref, { n: 5 });
+    expect(got.module).toBe(ref.path);
     expect(got.name).toBe('docker-demo');
     expect(got.state).toBe('Success');
-    // The same graph: nodes, edges, options, and task keys naming the original modules.
-    expect(got.spec).toEqual(JSON.parse(JSON.stringify(originalSpec)));
-    expect(got.spec.nodes.find((n) => n.key === 'square')?.taskKey).toBe(`${pathToFileURL(join(flowDir, 'helper.ts')).href}#square`);
+    // The same graph (nodes, edges, options, task names); every task, the helper module's
+    // included, belongs to the bundle file in the image, which is what workers import.
+    expect(graphShape(got.spec)).toEqual(JSON.parse(JSON.stringify(graphShape(originalSpec))));
+    expect(taskModules(originalSpec)).toEqual([pathToFileURL(join(flowDir, 'flow.ts')).href, pathToFileURL(join(flowDir, 'helper.ts')).href]);
+    expect(got.spec.modules).toEqual([pathToFileURL(ref.path).href]);
+    expect(got.spec.nodes.find((n) => n.key === 'square')?.taskKey).toBe(`${pathToFileURL(ref.path).href}#square`);
     expect(got.outputs).toEqual({ total: 0 + 1 + 4 + 9 + 16 + 100, where: pathToFileURL(ref.path).href });
+  });
+
+  it('a flow whose executor is a thread pool runs on its threads in the container, which import the bundle in the image', async () => {
+    const pooled = join(flowDir, 'pool-flow.ts');
+    const ref = await new DockerStorage({ baseImage: IMAGES.node, engine: d.engine }).build({ flowFile: pooled, flowName: 'docker-pool' });
+    const got = await runInImage(ref, { n: 6 });
+    expect(got.state, got.message).toBe('Success');
+    expect(got.module).toBe(ref.path);
+    expect(got.spec.modules).toEqual([pathToFileURL(ref.path).href]);
+    expect(got.outputs.total).toBe(0 + 1 + 4 + 9 + 16 + 25);
+    const threads = got.outputs.threads as number[];
+    expect(threads).toHaveLength(6);
+    // Every call ran on a pool thread (0 is the main thread); the pool's two threads shared them.
+    expect(threads.every((t) => t > 0)).toBe(true);
+    expect(new Set(threads).size).toBe(2);
   });
 
   it('tags by content: the same code gives the same image, other settings another', async () => {

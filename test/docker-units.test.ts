@@ -12,6 +12,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { DockerEngine, DockerError, parseImageRef, publishPorts, registryOf } from '../src/docker/engine.ts';
 import { jsonMessages, LogDemuxer } from '../src/docker/streams.ts';
 import { tarBytes, tarStream, type TarEntry } from '../src/docker/tar.ts';
+import { linkBundle } from '../src/cluster/bundle.ts';
 import { dockerfileFor, DockerStorage, flowSlug, imageModule, IMAGE_BUNDLE_DIR } from '../src/storage/docker.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'weft-docker-units-'));
@@ -152,9 +153,9 @@ describe('DockerStorage without a daemon', () => {
       [
         '# Built by weft\'s DockerStorage for flow "my \\"flow\\" \\$HOME".',
         'FROM node:20-slim',
-        `COPY flow.mjs /opt/weft/weft-bundles/my-flow/${'a'.repeat(64)}.mjs`,
-        `ENV WEFT_FLOW_NAME="my \\"flow\\" \\$HOME" \\\n    WEFT_FLOW_PATH="/opt/weft/weft-bundles/my-flow/${'a'.repeat(64)}.mjs" \\\n    WEFT_PATH="/opt/weft/app" \\\n    EXTRA="x y"`,
-        `LABEL team="data" \\\n    weft.flow="my \\"flow\\" \\$HOME" \\\n    weft.bundle="${'a'.repeat(64)}" \\\n    weft.flow-path="/opt/weft/weft-bundles/my-flow/${'a'.repeat(64)}.mjs"`,
+        `COPY flow.mjs /opt/weft/flows/my-flow/${'a'.repeat(64)}.mjs`,
+        `ENV WEFT_FLOW_NAME="my \\"flow\\" \\$HOME" \\\n    WEFT_FLOW_PATH="/opt/weft/flows/my-flow/${'a'.repeat(64)}.mjs" \\\n    WEFT_PATH="/opt/weft/app" \\\n    EXTRA="x y"`,
+        `LABEL team="data" \\\n    weft.flow="my \\"flow\\" \\$HOME" \\\n    weft.bundle="${'a'.repeat(64)}" \\\n    weft.flow-path="/opt/weft/flows/my-flow/${'a'.repeat(64)}.mjs"`,
         'RUN echo hi',
         '',
       ].join('\n'),
@@ -166,15 +167,25 @@ describe('DockerStorage without a daemon', () => {
     expect(() => dockerfileFor({ ...base, baseImage: 'node:20 AS x' })).toThrow(/not an image reference/);
   });
 
-  it('links the bundle to the weft path and exports the flow before the source map', () => {
-    const code = new TextEncoder().encode('import { task } from "weft-runtime:/src/index.ts";\nconsole.log(1);\n//# sourceMappingURL=data:application/json;base64,e30=\n');
-    const m = imageModule(code, 'demo', '/srv/weft app');
-    expect(m).toContain('from "file:///srv/weft%20app/src/index.ts"');
-    expect(m).not.toContain('weft-runtime:');
-    expect(m.trimEnd().split('\n').at(-1)).toBe('//# sourceMappingURL=data:application/json;base64,e30=');
-    expect(m).toContain('export { __weftDockerFlow as demo };');
-    expect(imageModule(code, 'my-flow', '/w')).toContain('export { __weftDockerFlow as default };');
-    expect(imageModule(code, 'default', '/w')).toContain('export { __weftDockerFlow as default };');
+  it('links the bundle to the weft path in the image and keeps it otherwise as bundled', () => {
+    const text = 'import { task } from "weft-runtime:/src/index.ts";\nimport "weft-runtime:/src/flow/task.ts";\nexport const x = "see weft-runtime:/ here";\n';
+    const code = new TextEncoder().encode(text);
+    const m = imageModule(code, '/srv/weft app');
+    expect(m).toBe(
+      'import { task } from "file:///srv/weft%20app/src/index.ts";\nimport "file:///srv/weft%20app/src/flow/task.ts";\nexport const x = "see weft-runtime:/ here";\n',
+    );
+    // A trailing slash on the path changes nothing.
+    expect(imageModule(code, '/srv/weft app/')).toBe(m);
+    expect(() => linkBundle(code, '/not/a/url/')).toThrow(/file: URL ending in "\/"/);
+  });
+
+  it('a flow file that does not compile fails the build naming the file and line, before any daemon is asked', async () => {
+    const broken = join(dir, 'broken.ts');
+    writeFileSync(broken, 'export const x = 1;\nexport default flow("b", () => { return ;;; ) });\n');
+    const storage = new DockerStorage({ engine: { host: `unix://${join(dir, 'no-daemon.sock')}` } });
+    const err = await storage.build({ flowFile: broken, flowName: 'b' }).catch((x: unknown) => x);
+    expect(err).toMatchObject({ name: 'StorageError', code: 'STORAGE_BUILD' });
+    expect((err as Error).message).toMatch(new RegExp(`^cannot bundle ${broken.replace(/[.]/g, '\\.')}: ${broken.replace(/[.]/g, '\\.')}:2: `));
   });
 
   it('slugs flow names and checks its options', () => {

@@ -13,7 +13,9 @@
  * the S3 tests only, so it boots while the others run), a bare git repository served by
  * `file://` URL (`helpers/git-repo.ts`) and the weft server (SQLite) for BundleStorage. The bad-input cases that need those services are here too:
  * a missing bucket or object, a wrong secret, an unknown access key, tampered bytes, an
- * unknown git ref or commit, a missing file, an unreachable repository.
+ * unknown git ref or commit, a missing file, an unreachable repository. Docker storage
+ * runs against a real dockerd (`helpers/dockerd.ts`): the loader runs in a container from
+ * the image, with this checkout bind-mounted at its own path (as the docker agent does).
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -40,6 +42,8 @@ import {
   type StorageRef,
 } from '../src/storage/index.ts';
 import { graphShape } from './fixtures/storage/shape.ts';
+import { DockerStorage } from '../src/storage/docker.ts';
+import { dockerUnavailable, IMAGES, startDockerd, weftBind, type TestDockerd } from './helpers/dockerd.ts';
 import { GitRepo } from './helpers/git-repo.ts';
 import { freePort, startRgw, type Rgw } from './helpers/rgw.ts';
 
@@ -364,4 +368,53 @@ describe('s3 storage (Ceph RADOS Gateway)', () => {
     );
     expect(existsSync(work) ? await readdirOf(work) : []).toEqual([]);
   });
+});
+
+describe.skipIf(dockerUnavailable() !== null)('docker storage (real dockerd)', () => {
+  let d: TestDockerd | undefined;
+  beforeAll(async () => {
+    d = await startDockerd({ images: ['node'] });
+  }, 120_000);
+  afterAll(async () => {
+    if (d === undefined) return;
+    await d.stop();
+    expect(() => process.kill(d!.pid, 0)).toThrow();
+  });
+
+  /** `loadInChild`, in a container from `ref.image` (no network; this checkout mounted read-only at its path). */
+  async function loadInContainer(ref: StorageRef, executor: 'local' | 'pool'): Promise<ChildResult & { code: number | null; stderr: string }> {
+    const e = d!.engine;
+    const input = JSON.stringify({ ref: roundTrip(ref), workDir: '/tmp/weft-work', executor });
+    const { id } = await e.createContainer({
+      image: (ref as Extract<StorageRef, { kind: 'docker' }>).image,
+      cmd: ['node', '--import', TSX, LOAD_SCRIPT, input],
+      workingDir: ROOT,
+      env: { NO_COLOR: '1' },
+      labels: { 'weft.test': 'storage-conformance' },
+      hostConfig: { NetworkMode: 'none', Binds: [weftBind] },
+    });
+    try {
+      await e.startContainer(id);
+      const { exitCode } = await e.waitContainer(id);
+      const logs = await e.logs(id);
+      const line = logs.stdout.trim().split('\n').pop() ?? '';
+      try {
+        return { ...(JSON.parse(line) as ChildResult), code: exitCode, stderr: logs.stderr };
+      } catch {
+        throw new Error(`the loader printed no JSON (exit ${exitCode}): ${logs.stdout}\n${logs.stderr}`);
+      }
+    } finally {
+      await e.removeContainer(id, { force: true });
+    }
+  }
+
+  it('builds an image holding the bundle; a flow-run process in a container from it gets the same graph and runs it on a pool', async () => {
+    const ref = await new DockerStorage({ baseImage: IMAGES.node, engine: d!.engine }).build(ctx());
+    expect(ref).toMatchObject({ kind: 'docker', flow: FLOW, image: expect.stringMatching(/^weft\/storage-etl:[0-9a-f]{16}$/) });
+    expect(ref.path).toMatch(/^\/opt\/weft\/flows\/storage-etl\/[0-9a-f]{64}\.mjs$/);
+    const r = await loadInContainer(ref, 'pool');
+    await expectConforms(r, v1Shape, V1_OUT);
+    expect(r.module).toBe(ref.path);
+    bundledModules(r);
+  }, 120_000);
 });

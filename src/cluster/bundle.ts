@@ -148,9 +148,14 @@ function isOwn(path: string): boolean {
   return path.startsWith(SRC_DIR);
 }
 
-/** A bundle's code with its `weft-runtime:/` placeholders pointing at this installation's files. */
-export function linkBundle(code: Uint8Array): string {
-  return new TextDecoder().decode(code).replace(/(["'])weft-runtime:\//g, (_m, q: string) => q + ROOT_URL);
+/**
+ * A bundle's code with its `weft-runtime:/` placeholders pointing at the files of the weft
+ * installation whose root is the file URL `root` (ending in `/`; default: this one).
+ * DockerStorage links to the path weft has inside the image.
+ */
+export function linkBundle(code: Uint8Array, root: string = ROOT_URL): string {
+  if (!root.startsWith('file://') || !root.endsWith('/')) throw new TypeError(`linkBundle: root must be a file: URL ending in "/", got ${JSON.stringify(root)}`);
+  return new TextDecoder().decode(code).replace(/(["'])weft-runtime:\//g, (_m, q: string) => q + root);
 }
 
 /** `<os.tmpdir()>/weft-bundles/<installation>`: linked bundles of this weft installation. */

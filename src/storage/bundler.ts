@@ -1,6 +1,6 @@
 /**
  * A flow file as one ESM bundle that keeps the file's exports, for the storages that ship
- * code (bundle, s3, a kept local copy, a git clone).
+ * code (bundle, s3, a kept local copy, a git clone, the file in a docker image).
  *
  * `bundleModule` in `cluster/bundle.ts`: the same esbuild run as the cluster's code
  * bundles (ESM for node20, everything the file imports except weft's own files, which
@@ -15,7 +15,8 @@
  * - No source map. Under tsx source maps are on, and stack frames would name the original
  *   files: `task()` would key the loaded tasks by paths that exist only where the flow was
  *   registered, and pool threads on the loading machine could not import them. Without a
- *   map the tasks belong to the file the loader writes, which they can.
+ *   map the tasks belong to the file the loader writes (or the file in the image), which
+ *   they can.
  */
 import { bundleModule, type Bundle } from '../cluster/bundle.ts';
 import { WeftError } from '../errors.ts';

@@ -3,13 +3,14 @@
  * registry when one is named; the flow-run container loads it from a fixed path inside
  * the image (Prefect 1's `Docker` storage).
  *
- * What goes into the image: one file, the flow's esbuild bundle (`buildBundle`: the flow
- * module and everything it imports except weft), at
- * `/opt/weft/weft-bundles/<flow slug>/<bundle sha256>.mjs`. That path has the shape of a
- * worker's bundle cache on purpose: `callerModuleUrl` maps frames in such a file through
- * its inline source map, so the flow's tasks get the same keys inside the container as
- * at registration, and the flow-run process reports its task runs under the keys the
- * server recorded.
+ * What goes into the image: one file, the flow file's bundle as every storage that ships
+ * code makes it (`bundleFlow`: the flow module and everything it imports except weft, its
+ * exports kept, no source map), at `/opt/weft/flows/<flow slug>/<bundle sha256>.mjs`.
+ * That file *is* the flow's module inside the container: its `task()` calls key the tasks
+ * by its own URL, and `spec().modules` names it, so the threads or processes of a
+ * PoolExecutor import it from there. (A source map would make the stack frames, and so
+ * the task keys, name the files on the machine that registered the flow, which the
+ * container does not have: pool workers could not import them.)
  *
  * weft is not copied into the image. The bundle's imports of weft's own files are linked
  * at build time to `weftPath` (default: this installation's absolute path), so the
@@ -17,32 +18,26 @@
  * docker agent does on one machine, this installation bind-mounted read-only at the same
  * path. The base image must have `node` (and weft's dependencies, under `weftPath`).
  *
- * A bundle's imports are side-effect imports, so it exports nothing by itself: the entry
- * DockerStorage bundles hands the flow module's namespace to the bundle's last lines
- * (through a symbol on globalThis, read and deleted in the same synchronous stretch),
- * which export the flow named at registration (under that name, or as `default`).
- *
  * The tag defaults to a hash of the build context (Dockerfile and bundle), so the same
  * code gives the same image name and a change gives a new one.
  */
 import { createHash } from 'node:crypto';
-import { mkdir, stat, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { stat } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { buildBundle, RUNTIME_PREFIX } from '../cluster/bundle.ts';
+import { linkBundle } from '../cluster/bundle.ts';
 import { DockerEngine, type DockerEngineOptions, type RegistryAuth } from '../docker/engine.ts';
 import { tarBytes } from '../docker/tar.ts';
 import { WeftError } from '../errors.ts';
+import { bundleFlow } from './bundler.ts';
 import type { BuildContext, LoadedCode, Storage, StorageRef } from './types.ts';
 
 export type DockerRef = Extract<StorageRef, { kind: 'docker' }>;
 
-/** Where flow bundles live inside an image (see the module comment for why `weft-bundles`). */
-export const IMAGE_BUNDLE_DIR = '/opt/weft/weft-bundles';
+/** Where flow bundles live inside an image. */
+export const IMAGE_BUNDLE_DIR = '/opt/weft/flows';
 /** This installation's root, without a trailing slash: the default `weftPath`. */
 export const WEFT_INSTALL_PATH = fileURLToPath(new URL('../../', import.meta.url)).replace(/\/$/, '');
-const FLOW_MODULE_KEY = 'weft.dockerStorage.flowModule';
 
 export interface DockerStorageOptions {
   /** Registry to push to, `host[:port]` (e.g. `127.0.0.1:5000`); without one the image stays on the daemon that built it. */
@@ -137,41 +132,9 @@ const REPO_RE = /^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:\.|_|
 const TAG_RE = /^\w[\w.-]{0,127}$/;
 const REGISTRY_RE = /^[A-Za-z0-9.-]+(?::\d+)?$/;
 
-/**
- * The code a DockerStorage image carries: the bundle linked to `weftPath`, with last
- * lines exporting the flow named `flowName` (inserted before the inline
- * source map, which must stay last for `callerModuleUrl` to find it).
- */
-export function imageModule(code: Uint8Array, flowName: string, weftPath: string): string {
-  const root = pathToFileURL(weftPath.replace(/\/?$/, '/')).href;
-  const linked = new TextDecoder().decode(code).replace(new RegExp(`(["'])${RUNTIME_PREFIX.replace(/[/]/g, '\\/')}`, 'g'), (_m, q: string) => q + root);
-  // Exported under the name it was registered by when that is an identifier (an export name, or the flow's
-  // name: loadFlow matches either), else as `default`. One export only: loadFlow lists a flow once.
-  const as = /^[A-Za-z_$][\w$]*$/.test(flowName) ? flowName : 'default';
-  const tail =
-    `const __weftDockerFlow = ((m, name) => {\n` +
-    `  delete globalThis[Symbol.for(${JSON.stringify(FLOW_MODULE_KEY)})];\n` +
-    `  const isFlow = (v) => v !== null && (typeof v === 'object' || typeof v === 'function') && typeof v.name === 'string' && typeof v.spec === 'function' && typeof v.run === 'function';\n` +
-    `  if (m !== undefined && isFlow(m[name])) return m[name];\n` +
-    `  for (const k of Object.keys(m ?? {})) if (isFlow(m[k]) && m[k].name === name) return m[k];\n` +
-    `  throw new Error('this image\\'s flow module exports no flow named ' + JSON.stringify(name));\n` +
-    `})(globalThis[Symbol.for(${JSON.stringify(FLOW_MODULE_KEY)})], ${JSON.stringify(flowName)});\n` +
-    `export { __weftDockerFlow as ${as} };\n`;
-  const at = linked.lastIndexOf('//# sourceMappingURL=');
-  return at === -1 ? linked + tail : linked.slice(0, at) + tail + linked.slice(at);
-}
-
-/** The entry DockerStorage bundles: the flow module, its namespace handed to `imageModule`'s last lines. */
-async function entryFor(flowFile: string): Promise<string> {
-  // A fixed path per flow file keeps the bundle (whose source map names this file) the same from build to build.
-  const dir = join(tmpdir(), 'weft-docker-entries', createHash('sha256').update(flowFile).digest('hex').slice(0, 16));
-  await mkdir(dir, { recursive: true });
-  const file = join(dir, 'entry.mjs');
-  await writeFile(
-    file,
-    `import * as flowModule from ${JSON.stringify(pathToFileURL(flowFile).href)};\n` + `globalThis[Symbol.for(${JSON.stringify(FLOW_MODULE_KEY)})] = flowModule;\n`,
-  );
-  return pathToFileURL(file).href;
+/** The code a DockerStorage image carries: the bundle, its weft imports linked to the weft at `weftPath` in the image. */
+export function imageModule(code: Uint8Array, weftPath: string): string {
+  return linkBundle(code, pathToFileURL(weftPath.replace(/\/?$/, '/')).href);
 }
 
 export class DockerStorage implements Storage {
@@ -204,7 +167,7 @@ export class DockerStorage implements Storage {
     } catch (err) {
       throw new WeftError('STORAGE_BUILD', `DockerStorage: cannot read flow file ${flowFile}: ${(err as Error).message}`, { cause: err });
     }
-    const bundle = await buildBundle([await entryFor(flowFile)]);
+    const bundle = await bundleFlow(flowFile);
     const weftPath = this.opts.weftPath ?? WEFT_INSTALL_PATH;
     const slug = flowSlug(ctx.flowName);
     const bundlePath = `${IMAGE_BUNDLE_DIR}/${slug}/${bundle.hash}.mjs`;
@@ -220,7 +183,7 @@ export class DockerStorage implements Storage {
     });
     const context = tarBytes([
       { type: 'file', name: 'Dockerfile', data: dockerfile },
-      { type: 'file', name: CONTEXT_BUNDLE, data: imageModule(bundle.code, ctx.flowName, weftPath) },
+      { type: 'file', name: CONTEXT_BUNDLE, data: imageModule(bundle.code, weftPath) },
     ]);
     const tag = this.opts.imageTag ?? createHash('sha256').update(context).digest('hex').slice(0, 16);
     const repository = (this.opts.registry !== undefined ? `${this.opts.registry}/` : '') + (this.opts.imageName ?? `weft/${slug}`);
@@ -247,7 +210,8 @@ export class DockerStorage implements Storage {
 
 /**
  * The flow-run process's side, inside the container: the module is the file at
- * `ref.path`. Fails clearly when that file is missing (the process is not running in
+ * `ref.path` (its tasks are keyed by that path, which pool workers in the container
+ * import too). Fails clearly when that file is missing (the process is not running in
  * the flow's image).
  */
 export async function loadDockerCode(ref: DockerRef): Promise<LoadedCode> {
