@@ -13,63 +13,28 @@
  * - A flow-run process that exits 3 in the middle of its run: Failed, with the exit code
  *   and its last output lines in the logs.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import { hostname, tmpdir } from 'node:os';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DockerAgent, type DockerAgentOptions } from '../src/agent/docker.ts';
-import { dockerRun, type RunConfig } from '../src/run-config/index.ts';
-import { BackendClient } from '../src/server/client.ts';
-import { startServer, type RunningServer } from '../src/server/index.ts';
-import type { FlowRun, StoredLogEntry } from '../src/server/model.ts';
+import { dockerRun } from '../src/run-config/index.ts';
+import type { BackendClient } from '../src/server/client.ts';
+import type { RunningServer } from '../src/server/index.ts';
 import { DockerStorage } from '../src/storage/docker.ts';
 import type { StorageRef } from '../src/storage/types.ts';
+import { agentFlows, AGENT_FIXTURES as FIXTURES, localFlow as local, logText, startTestServer, until, type TestServer } from './helpers/agent-fixture.ts';
 import { dockerUnavailable, IMAGES, startDockerd, WEFT_ROOT, type TestDockerd } from './helpers/dockerd.ts';
 
 const skip = dockerUnavailable();
-const FIXTURES = fileURLToPath(new URL('./fixtures/agents/', import.meta.url));
 const HOST = `host:${hostname()}`;
 
-let tmp: string;
+let ts: TestServer;
 let server: RunningServer;
 let backend: BackendClient;
 let d: TestDockerd;
 const agents: DockerAgent[] = [];
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function until<T>(what: string, get: () => Promise<T>, ok: (v: T) => boolean, timeoutMs = 45_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await get();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last: ${JSON.stringify(v).slice(0, 2000)}`);
-    await sleep(100);
-  }
-}
-
-const finished = (id: string): Promise<FlowRun> =>
-  until(`run ${id} to finish`, () => backend.getFlowRun(id), (r) => r.state === 'Success' || r.state === 'Failed' || r.state === 'Cancelled');
-
-const logText = (logs: readonly StoredLogEntry[]): string => logs.map((l) => `[${l.source}/${l.level}] ${l.message}`).join('\n');
-
-let flows = 0;
-/** Register a flow (one name per call) and create a run of it. */
-async function runOf(storage: StorageRef, runConfig: RunConfig, labels: readonly string[], parameters: Record<string, unknown> = {}): Promise<string> {
-  const name = `${storage.flow}-${++flows}`;
-  const { flow } = await backend.registerFlow({
-    project: 'agent-docker',
-    name,
-    graph: { test: true },
-    storage,
-    runConfig,
-    executor: { kind: 'local' },
-    parameters: [{ name: 'n', required: false, default: 2 }],
-    labels,
-  });
-  return (await backend.createFlowRun({ flowId: flow.id, parameters })).id;
-}
+const { runOf, finished } = agentFlows('agent-docker', () => backend);
 
 async function agent(labels: readonly string[], extra: Partial<DockerAgentOptions> = {}): Promise<DockerAgent> {
   const a = new DockerAgent({ backend, serverUrl: server.url, engine: d.engine, labels, pollMinMs: 100, pollMaxMs: 500, ...extra });
@@ -78,21 +43,17 @@ async function agent(labels: readonly string[], extra: Partial<DockerAgentOption
   return a;
 }
 
-const local = (file: string, flow: string): StorageRef => ({ kind: 'local', path: join(FIXTURES, file), host: hostname(), flow });
-
 describe.skipIf(skip !== null)('DockerAgent against a real dockerd', () => {
   beforeAll(async () => {
-    tmp = await mkdtemp(join(tmpdir(), 'weft-agent-docker-'));
-    server = await startServer({ db: `sqlite:${join(tmp, 'server.db')}`, host: '127.0.0.1', port: 0 });
-    backend = new BackendClient(server.url);
+    ts = await startTestServer('weft-agent-docker-');
+    ({ server, backend } = ts);
     d = await startDockerd({ registry: true, images: ['node'] });
   }, 90_000);
 
   afterAll(async () => {
     for (const a of agents) await a.stop({ stopRuns: true });
     await d?.stop();
-    await server?.close();
-    await rm(tmp, { recursive: true, force: true });
+    await ts?.close();
   }, 60_000);
 
   it('runs a DockerRun flow run in a container that reports back: task runs, logs, labels, env, HostConfig', async () => {
@@ -165,7 +126,7 @@ describe.skipIf(skip !== null)('DockerAgent against a real dockerd', () => {
   it('fails a run when the Docker daemon cannot be reached', async () => {
     const labels = ['docker-d', HOST];
     const id = await runOf(local('hello.ts', 'agents-hello'), dockerRun({ image: IMAGES.node }), labels);
-    const a = await agent(labels, { engine: { host: `unix://${join(tmp, 'no-docker.sock')}` } });
+    const a = await agent(labels, { engine: { host: `unix://${join(ts.tmp, 'no-docker.sock')}` } });
     const run = await finished(id);
     expect(run.state).toBe('Failed');
     expect(logText(await backend.getLogs(id))).toContain('cannot reach the Docker daemon');

@@ -15,22 +15,19 @@
  *   with the exit code and the pod's last log lines.
  * - `buildJob` alone: the template's container, env and resources merged.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import { hostname, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { hostname } from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildJob, DEFAULT_WEFT_BIN, jobName, KubernetesAgent, type KubernetesAgentOptions } from '../src/agent/kubernetes.ts';
 import { kubernetesRun, type RunConfig } from '../src/run-config/index.ts';
-import { BackendClient } from '../src/server/client.ts';
-import { startServer, type RunningServer } from '../src/server/index.ts';
-import type { ClaimedRun, FlowRun, FlowVersion, StoredLogEntry } from '../src/server/model.ts';
+import type { BackendClient } from '../src/server/client.ts';
+import type { RunningServer } from '../src/server/index.ts';
+import type { ClaimedRun, FlowRun, FlowVersion } from '../src/server/model.ts';
 import type { StorageRef } from '../src/storage/types.ts';
+import { agentFlows, localFlow as local, logText, startTestServer, until, type TestServer } from './helpers/agent-fixture.ts';
 import { dockerUnavailable, IMAGES, startDockerd, WEFT_ROOT, type TestDockerd } from './helpers/dockerd.ts';
 import { dockerPodRuntime, startKubeApi, type KubeApiDouble } from './helpers/kube-api.ts';
 
 const skip = dockerUnavailable();
-const FIXTURES = fileURLToPath(new URL('./fixtures/agents/', import.meta.url));
 const HOST = `host:${hostname()}`;
 const NS = 'weft-runs';
 
@@ -46,46 +43,14 @@ const WEFT_TEMPLATE = {
   },
 };
 
-let tmp: string;
+let ts: TestServer;
 let server: RunningServer;
 let backend: BackendClient;
 let d: TestDockerd;
 let kube: KubeApiDouble;
 const agents: KubernetesAgent[] = [];
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function until<T>(what: string, get: () => Promise<T> | T, ok: (v: T) => boolean, timeoutMs = 45_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await get();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last: ${JSON.stringify(v)?.slice(0, 2000)}`);
-    await sleep(100);
-  }
-}
-
-const finished = (id: string): Promise<FlowRun> =>
-  until(`run ${id} to finish`, () => backend.getFlowRun(id), (r) => r.state === 'Success' || r.state === 'Failed' || r.state === 'Cancelled');
-
-const logText = (logs: readonly StoredLogEntry[]): string => logs.map((l) => `[${l.source}/${l.level}] ${l.message}`).join('\n');
-
-const local = (file: string, flow: string): StorageRef => ({ kind: 'local', path: join(FIXTURES, file), host: hostname(), flow });
-
-let flows = 0;
-async function runOf(storage: StorageRef, runConfig: RunConfig, labels: readonly string[], parameters: Record<string, unknown> = {}): Promise<string> {
-  const { flow } = await backend.registerFlow({
-    project: 'agent-kubernetes',
-    name: `${storage.flow}-${++flows}`,
-    graph: { test: true },
-    storage,
-    runConfig,
-    executor: { kind: 'local' },
-    parameters: [{ name: 'n', required: false, default: 2 }],
-    labels,
-  });
-  return (await backend.createFlowRun({ flowId: flow.id, parameters })).id;
-}
+const { runOf, finished } = agentFlows('agent-kubernetes', () => backend);
 
 async function agent(labels: readonly string[], extra: Partial<KubernetesAgentOptions> = {}): Promise<KubernetesAgent> {
   const a = new KubernetesAgent({
@@ -109,9 +74,8 @@ const posted = (): Map<string, any> =>
 
 describe.skipIf(skip !== null)('KubernetesAgent against the Kubernetes API double (pods in real containers)', () => {
   beforeAll(async () => {
-    tmp = await mkdtemp(join(tmpdir(), 'weft-agent-k8s-'));
-    server = await startServer({ db: `sqlite:${join(tmp, 'server.db')}`, host: '127.0.0.1', port: 0 });
-    backend = new BackendClient(server.url);
+    ts = await startTestServer('weft-agent-k8s-');
+    ({ server, backend } = ts);
     d = await startDockerd({ images: ['node'] });
     kube = await startKubeApi({ runtime: dockerPodRuntime(d.engine), namespaces: ['default', NS], imagePullBackoffMs: 200 });
   }, 90_000);
@@ -120,8 +84,7 @@ describe.skipIf(skip !== null)('KubernetesAgent against the Kubernetes API doubl
     for (const a of agents) await a.stop({ stopRuns: true });
     await kube?.close();
     await d?.stop();
-    await server?.close();
-    await rm(tmp, { recursive: true, force: true });
+    await ts?.close();
   }, 60_000);
 
   it('creates the Job from the KubernetesRun; its pod runs the flow and the run ends Success; the Job is deleted', async () => {
@@ -273,5 +236,17 @@ describe('buildJob', () => {
     expect(buildJob(claimed({ kind: 'universal' }), { serverUrl: 'http://s', agentId: 'a', namespace: 'n', image: 'default:1' }).spec!.template.spec!.containers[0]!.image).toBe('default:1');
     expect(() => buildJob(claimed({ kind: 'universal' }), { serverUrl: 'http://s', agentId: 'a', namespace: 'n' })).toThrow(/no image for the flow-run container/);
     expect(jobName({ id: 'ABC', restarts: 0 } as FlowRun)).toBe('weft-abc-0');
+  });
+
+  it("uses the agent's service account and image pull secrets only where the run config and the template name none", () => {
+    const agentDefaults = { serverUrl: 'http://s', agentId: 'a', namespace: 'n', image: 'i:1', serviceAccountName: 'agent-sa', imagePullSecrets: ['agent-cred'] };
+    const pod = (rc: RunConfig) => buildJob(claimed(rc), agentDefaults).spec!.template.spec!;
+    expect(pod(kubernetesRun())).toMatchObject({ serviceAccountName: 'agent-sa', imagePullSecrets: [{ name: 'agent-cred' }] });
+    expect(pod(kubernetesRun({ serviceAccountName: 'run-sa', imagePullSecrets: ['run-cred'] }))).toMatchObject({ serviceAccountName: 'run-sa', imagePullSecrets: [{ name: 'run-cred' }] });
+    const fromTemplate = pod(kubernetesRun({ jobTemplate: { spec: { template: { spec: { serviceAccountName: 'tpl-sa', imagePullSecrets: [{ name: 'tpl-cred' }], containers: [] } } } } }));
+    expect(fromTemplate).toMatchObject({ serviceAccountName: 'tpl-sa', imagePullSecrets: [{ name: 'tpl-cred' }] });
+    const none = buildJob(claimed(kubernetesRun()), { serverUrl: 'http://s', agentId: 'a', namespace: 'n', image: 'i:1' }).spec!.template.spec!;
+    expect(none.serviceAccountName).toBeUndefined();
+    expect(none.imagePullSecrets).toBeUndefined();
   });
 });

@@ -1,16 +1,18 @@
 /**
  * The Kubernetes API double (test/helpers/kube-api.ts) through the real
- * `@kubernetes/client-node` client, with each Job's pod run as a real container by a
- * real dockerd: the shapes, codes and status transitions the Kubernetes agent relies on.
+ * `@kubernetes/client-node` client (its typed APIs and its `Watch`), with each Job's pod
+ * run as a real container by a real dockerd: the shapes, codes and status transitions
+ * the Kubernetes agent relies on. Also: the per-request deadline of `kubeApis`.
  */
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { request } from 'node:http';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import type { BatchV1Api, CoreV1Api, V1Job } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IMAGES, dockerUnavailable, startDockerd, type TestDockerd } from './helpers/dockerd.ts';
-import { kubeApis, kubeConfigFrom, loadKubeClient } from '../src/agent/kubernetes.ts';
+import { kubeApis, kubeConfigFrom, kubeErrorText, loadKubeClient } from '../src/agent/kubernetes.ts';
 import { dockerPodRuntime, parseLabelSelector, parseQuantity, startKubeApi, type KubeApiDouble } from './helpers/kube-api.ts';
 
 const skip = dockerUnavailable();
@@ -73,32 +75,16 @@ describe.skipIf(skip !== null)('Kubernetes API double (real client, pods in real
     await dockerd?.stop();
   }, 60_000);
 
-  /**
-   * A watch as client-node's `Watch` does it (GET with watch=true, one JSON event per
-   * line), over node:http: `Watch` itself goes through undici's fetch, which needs Node.js 22.
-   */
-  const watchStream = (path: string, query: Record<string, string>, onEvent: (type: string, obj: any) => void): Promise<{ abort(): void }> =>
-    new Promise((resolve, reject) => {
-      const qs = new URLSearchParams({ ...query, watch: 'true' });
-      const req = request(`${kube.url}${path}?${qs}`, { headers: { Authorization: `Bearer ${kube.token}` }, agent: false }, (res) => {
-        if (res.statusCode !== 200) return reject(new Error(`watch answered ${res.statusCode}`));
-        let buf = '';
-        res.setEncoding('utf8').on('data', (d: string) => {
-          buf += d;
-          let nl: number;
-          while ((nl = buf.indexOf('\n')) !== -1) {
-            const line = buf.slice(0, nl);
-            buf = buf.slice(nl + 1);
-            const e = JSON.parse(line) as { type: string; object: unknown };
-            onEvent(e.type, e.object);
-          }
-        });
-        res.on('error', () => undefined);
-        resolve({ abort: () => req.destroy() });
-      });
-      req.on('error', () => undefined);
-      req.end();
+  /** A watch through client-node's `Watch` (GET with watch=true, one JSON event per line); resolves once the stream is open. */
+  const watchStream = async (path: string, query: Record<string, string>, onEvent: (type: string, obj: any) => void): Promise<{ abort(): void }> => {
+    const k = await loadKubeClient();
+    let failed: unknown = null;
+    const ctl = await new k.Watch(await kubeConfigFrom(kube.kubeConfigOptions(NS))).watch(path, query, onEvent, (err: unknown) => {
+      failed ??= err;
     });
+    if (failed !== null) throw new Error(`the watch of ${path} failed: ${String(failed)}`);
+    return { abort: () => ctl.abort() };
+  };
 
   const podsOf = async (jobName: string) => (await core.listNamespacedPod({ namespace: NS, labelSelector: `job-name=${jobName}` })).items;
 
@@ -298,6 +284,38 @@ describe.skipIf(skip !== null)('Kubernetes API double (real client, pods in real
     expect(left[0]!.metadata?.ownerReferences ?? []).toEqual([]);
     await core.deleteNamespacedPod({ name: left[0]!.metadata!.name!, namespace: NS, gracePeriodSeconds: 0 });
     await until('the orphan pod to go', () => podsOf('orphan'), (ps) => ps.length === 0);
+  });
+});
+
+describe('request deadline', () => {
+  let silent: Server;
+  afterAll(() => {
+    silent?.closeAllConnections();
+    silent?.close();
+  });
+
+  it('aborts a request the API server accepts and never answers, after timeoutMs, with a message that says so', async () => {
+    // Accepts every request and never answers.
+    silent = createServer(() => undefined);
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+    const url = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`;
+    const kc = await kubeConfigFrom({
+      clusters: [{ name: 'c', server: url, skipTLSVerify: true }],
+      users: [{ name: 'u', token: 't' }],
+      contexts: [{ name: 'c', cluster: 'c', user: 'u' }],
+      currentContext: 'c',
+    });
+    const apis = await kubeApis(kc, { timeoutMs: 300 });
+    const started = Date.now();
+    const err = await apis.batch.listNamespacedJob({ namespace: 'default' }, apis.call).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    const took = Date.now() - started;
+    expect(err).not.toBeNull();
+    expect(kubeErrorText(err, apis.timeoutMs)).toBe('no answer from the Kubernetes API within 300 ms');
+    expect(took).toBeGreaterThanOrEqual(250);
+    expect(took).toBeLessThan(10_000);
   });
 });
 

@@ -10,7 +10,8 @@
  *   `node <weftBin> execute flow-run <id> --server <url>` (args removed); env = the
  *   template's, then the agent's `env`, then the run config's, then the WEFT_* variables;
  *   cpu/memory requests and limits from the run config over the template's.
- * - `serviceAccountName` and `imagePullSecrets` from the run config; labels
+ * - `serviceAccountName` and `imagePullSecrets` from the run config, else the template's,
+ *   else the agent's (`weft agent kubernetes --service-account/--image-pull-secret`); labels
  *   `weft.flow-run-id`, `weft.agent` (the agent's id), `weft.flow` on the Job and on its
  *   pod template; `backoffLimit` 0 unless the template sets one (a second pod would run
  *   the flow again: reruns are the server's business, through lazarus); `restartPolicy`
@@ -42,23 +43,19 @@
  * `stop()` leaves the Jobs running (their processes report to the server on their own);
  * `stop({ stopRuns: true })` deletes them.
  *
- * Client: client-node's generated `BatchV1Api` and `CoreV1Api` and its `KubeConfig` (any
- * kubeconfig, in-cluster service accounts, exec and OIDC auth), with an HTTP transport on
- * `node:http(s)` given through `createConfiguration({ httpApi })`. client-node 2 ships
- * undici 8, whose `fetch` needs Node.js 22; weft supports Node.js 20, so requests do not
- * go through undici, and `loadKubeClient` fills in the two functions undici looks up when
- * it is loaded (`zlib.createZstdDecompress`, `worker_threads.markAsUncloneable`) where
- * Node.js lacks them. Neither is used on this path.
+ * Client: `@kubernetes/client-node`, as its users use it: a `KubeConfig` (any kubeconfig,
+ * in-cluster service accounts, exec and OIDC auth) and `kc.makeApiClient(BatchV1Api)` /
+ * `kc.makeApiClient(CoreV1Api)`, called with the object-parameter methods. The client's
+ * fetch has no deadline of its own, so each call carries a per-call middleware that gives
+ * the request an `AbortSignal.timeout` (`requestTimeoutMs`, default 30 s): an API server
+ * that accepts the connection and never answers cannot hold up the watch loop.
  *
  * Tested against a double of the batch/v1 and core/v1 API that runs each Job's pod as a
  * real container through dockerd (test/helpers/kube-api.ts), with this same client; no
  * real cluster is involved in weft's tests.
  */
-import { request as httpRequest, type IncomingHttpHeaders } from 'node:http';
-import { request as httpsRequest, type RequestOptions } from 'node:https';
-import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
-import type { BatchV1Api, CoreV1Api, KubeConfig, V1Container, V1EnvVar, V1Job, V1Pod } from '@kubernetes/client-node';
+import type { BatchV1Api, ConfigurationOptions, CoreV1Api, KubeConfig, ObservableMiddleware, V1Container, V1EnvVar, V1Job, V1Pod } from '@kubernetes/client-node';
 import { FINAL_FLOW_RUN_STATES, type ClaimedRun, type FlowRun } from '../server/model.ts';
 import { Agent, describe, type AgentOptions, type AgentStopOptions } from './agent.ts';
 
@@ -83,24 +80,9 @@ const LOG_TAIL_LINES = 20;
 
 let client: Promise<KubeClient> | null = null;
 
-/**
- * `@kubernetes/client-node`, loaded once. Its undici 8 looks up two Node.js 22 functions
- * when it is loaded; where they are missing they are filled in first, with stand-ins that
- * are never called on the transport this agent uses (see the module comment).
- */
+/** `@kubernetes/client-node`, loaded once, on first use (the CLI's other commands do not pay for it). */
 export function loadKubeClient(): Promise<KubeClient> {
-  client ??= (async () => {
-    const require = createRequire(import.meta.url);
-    const zlib = require('node:zlib') as Record<string, unknown>;
-    const wt = require('node:worker_threads') as Record<string, unknown>;
-    if (typeof zlib.createZstdDecompress !== 'function') {
-      zlib.createZstdDecompress = () => {
-        throw new Error('zstd decompression needs Node.js 22.15 or later');
-      };
-    }
-    if (typeof wt.markAsUncloneable !== 'function') wt.markAsUncloneable = () => undefined;
-    return import('@kubernetes/client-node');
-  })();
+  client ??= import('@kubernetes/client-node');
   return client;
 }
 
@@ -114,7 +96,7 @@ export interface KubeConfigOptions {
 
 /**
  * A KubeConfig from a loaded one, from options, from a kubeconfig file, or (undefined)
- * the default: in-cluster service account, else $KUBECONFIG, else ~/.kube/config.
+ * the default (client-node's `loadFromDefault`): $KUBECONFIG, else ~/.kube/config, else the in-cluster service account.
  */
 export async function kubeConfigFrom(from?: KubeConfig | KubeConfigOptions | string): Promise<KubeConfig> {
   const k = await loadKubeClient();
@@ -132,60 +114,41 @@ export interface KubeApis {
   readonly batch: BatchV1Api;
   readonly core: CoreV1Api;
   readonly kc: KubeConfig;
+  /** The second argument of every call: its request timeout (see the module comment). */
+  readonly call: ConfigurationOptions;
+  readonly timeoutMs: number;
 }
 
-/** client-node's typed APIs for `kc`, over the node:http(s) transport (see the module comment). */
+/** Default deadline of one Kubernetes API request. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 30_000;
+
+/** client-node's typed APIs for `kc`, and the per-call options that bound each request by `timeoutMs`. */
 export async function kubeApis(kc: KubeConfig, opts: { timeoutMs?: number } = {}): Promise<KubeApis> {
   const k = await loadKubeClient();
-  const cluster = kc.getCurrentCluster();
-  if (cluster === null) throw new Error('the kubeconfig names no current cluster');
-  const timeoutMs = opts.timeoutMs ?? 30_000;
-  const httpApi = k.wrapHttpLibrary({
-    async send(ctx) {
-      const url = new URL(ctx.getUrl());
-      // Auth headers (token, exec plugins, basic) and TLS material from the kubeconfig.
-      const o: RequestOptions = {};
-      await kc.applyToHTTPSOptions(o);
-      const tls = url.protocol === 'https:';
-      const headers = { ...(o.headers as Record<string, string> | undefined), ...ctx.getHeaders() };
-      const body = ctx.getBody();
-      if (body !== undefined && typeof body !== 'string') throw new Error('weft sends only JSON bodies to the Kubernetes API');
-      if (body !== undefined) headers['Content-Length'] = String(Buffer.byteLength(body));
-      const res = await new Promise<{ status: number; headers: IncomingHttpHeaders; data: Buffer }>((resolve, reject) => {
-        const options: RequestOptions = {
-          method: ctx.getHttpMethod(),
-          headers,
-          timeout: timeoutMs,
-          ...(tls
-            ? { agent: o.agent, ca: o.ca, cert: o.cert, key: o.key, rejectUnauthorized: o.rejectUnauthorized, servername: o.servername }
-            : { agent: false }),
-        };
-        const req = (tls ? httpsRequest : httpRequest)(url, options, (r) => {
-          const chunks: Buffer[] = [];
-          r.on('data', (c: Buffer) => chunks.push(c));
-          r.on('end', () => resolve({ status: r.statusCode ?? 0, headers: r.headers, data: Buffer.concat(chunks) }));
-          r.on('error', reject);
-        });
-        req.on('timeout', () => req.destroy(new Error(`the Kubernetes API at ${url.origin} did not answer within ${timeoutMs} ms`)));
-        req.on('error', reject);
-        req.end(body);
-      });
-      const flat: Record<string, string> = {};
-      for (const [name, v] of Object.entries(res.headers)) if (v !== undefined) flat[name] = Array.isArray(v) ? v.join(', ') : v;
-      return new k.ResponseContext(res.status, flat, {
-        text: async () => res.data.toString('utf8'),
-        binary: async () => res.data,
-        stream: () => null,
-      });
+  if (kc.getCurrentCluster() === null) throw new Error('the kubeconfig names no current cluster');
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+  // A fresh signal per request: the middleware runs after the client applied the kubeconfig's auth.
+  const deadline: ObservableMiddleware = {
+    pre: (ctx) => {
+      ctx.setSignal(AbortSignal.timeout(timeoutMs));
+      return new k.Observable(Promise.resolve(ctx));
     },
-  });
-  const config = k.createConfiguration({ baseServer: new k.ServerConfiguration(cluster.server, {}), httpApi });
-  return { batch: new k.BatchV1Api(config), core: new k.CoreV1Api(config), kc };
+    post: (res) => new k.Observable(Promise.resolve(res)),
+  };
+  return {
+    batch: kc.makeApiClient(k.BatchV1Api),
+    core: kc.makeApiClient(k.CoreV1Api),
+    kc,
+    call: { middleware: [deadline], middlewareMergeStrategy: 'append' },
+    timeoutMs,
+  };
 }
 
 /** The status, reason and message of a client-node ApiException (the API's `Status` body), as one line. */
-export function kubeErrorText(err: unknown): string {
-  const e = err as { code?: unknown; body?: unknown };
+export function kubeErrorText(err: unknown, timeoutMs?: number): string {
+  const e = err as { code?: unknown; body?: unknown; name?: unknown };
+  // node-fetch's AbortError: the per-call deadline of `kubeApis` passed.
+  if (e?.name === 'AbortError') return `no answer from the Kubernetes API${timeoutMs !== undefined ? ` within ${timeoutMs} ms` : ' in time'}`;
   if (typeof e?.code !== 'number') return describe(err);
   let status: { reason?: string; message?: string } = {};
   try {
@@ -204,7 +167,7 @@ const kubeCode = (err: unknown): number | undefined => {
 export interface KubernetesAgentOptions extends AgentOptions {
   /** The server's base URL as the flow-run pods reach it. */
   readonly serverUrl: string;
-  /** A KubeConfig, `loadFromOptions` input, or a kubeconfig file (default: in-cluster, else $KUBECONFIG, else ~/.kube/config). */
+  /** A KubeConfig, `loadFromOptions` input, or a kubeconfig file (default: $KUBECONFIG, else ~/.kube/config, else in-cluster). */
   readonly kubeConfig?: KubeConfig | KubeConfigOptions | string;
   /** Namespace of the Jobs (default: the kubeconfig context's, else `default`). */
   readonly namespace?: string;
@@ -212,6 +175,10 @@ export interface KubernetesAgentOptions extends AgentOptions {
   readonly image?: string;
   /** Job template of runs whose run config has none. */
   readonly jobTemplate?: Readonly<Record<string, unknown>>;
+  /** Service account of the pods whose run config and template name none. */
+  readonly serviceAccountName?: string;
+  /** Image pull Secrets of the pods whose run config and template name none. */
+  readonly imagePullSecrets?: readonly string[];
   /** Environment variables of every run (a run config's `env` overrides them). */
   readonly env?: Readonly<Record<string, string>>;
   /** Path of weft's bin/weft.js inside the image (default: this installation's path). */
@@ -228,6 +195,8 @@ export interface KubernetesAgentOptions extends AgentOptions {
   readonly watchIntervalMs?: number;
   /** How long a flow container may be unable to start (image pull, config) before its run fails (default 30,000 ms). */
   readonly startTimeoutMs?: number;
+  /** Deadline of each Kubernetes API request (default 30,000 ms). */
+  readonly requestTimeoutMs?: number;
 }
 
 /** What the agent builds a Job from, besides the claimed run (for `buildJob`). */
@@ -237,6 +206,8 @@ export interface JobInputs {
   readonly namespace: string;
   readonly image?: string;
   readonly jobTemplate?: Readonly<Record<string, unknown>>;
+  readonly serviceAccountName?: string;
+  readonly imagePullSecrets?: readonly string[];
   readonly env?: Readonly<Record<string, string>>;
   readonly weftBin?: string;
   readonly imagePullPolicy?: string;
@@ -325,6 +296,8 @@ export function buildJob(claimed: ClaimedRun, o: JobInputs): V1Job {
     if (k.serviceAccountName !== undefined) pod.serviceAccountName = k.serviceAccountName;
     if (k.imagePullSecrets !== undefined) pod.imagePullSecrets = k.imagePullSecrets.map((name) => ({ name }));
   }
+  if (pod.serviceAccountName === undefined && o.serviceAccountName !== undefined) pod.serviceAccountName = o.serviceAccountName;
+  if (pod.imagePullSecrets === undefined && o.imagePullSecrets !== undefined && o.imagePullSecrets.length > 0) pod.imagePullSecrets = o.imagePullSecrets.map((name) => ({ name }));
   return job;
 }
 
@@ -375,10 +348,10 @@ export class KubernetesAgent extends Agent {
     try {
       kc = await kubeConfigFrom(this.k8s.kubeConfig);
     } catch (err) {
-      const from = typeof this.k8s.kubeConfig === 'string' ? this.k8s.kubeConfig : this.k8s.kubeConfig === undefined ? 'in-cluster, $KUBECONFIG or ~/.kube/config' : 'the given options';
+      const from = typeof this.k8s.kubeConfig === 'string' ? this.k8s.kubeConfig : this.k8s.kubeConfig === undefined ? '$KUBECONFIG, ~/.kube/config or in-cluster' : 'the given options';
       throw new Error(`cannot load the kubeconfig (${from}): ${describe(err)}`, { cause: err });
     }
-    this.apis = await kubeApis(kc);
+    this.apis = await kubeApis(kc, this.k8s.requestTimeoutMs !== undefined ? { timeoutMs: this.k8s.requestTimeoutMs } : {});
     const ctx = kc.getContextObject(kc.getCurrentContext());
     this.namespace = this.k8s.namespace ?? ctx?.namespace ?? 'default';
     await super.start();
@@ -398,6 +371,8 @@ export class KubernetesAgent extends Agent {
       namespace: this.namespace,
       ...(o.image !== undefined ? { image: o.image } : {}),
       ...(o.jobTemplate !== undefined ? { jobTemplate: o.jobTemplate } : {}),
+      ...(o.serviceAccountName !== undefined ? { serviceAccountName: o.serviceAccountName } : {}),
+      ...(o.imagePullSecrets !== undefined ? { imagePullSecrets: o.imagePullSecrets } : {}),
       ...(o.env !== undefined ? { env: o.env } : {}),
       ...(o.weftBin !== undefined ? { weftBin: o.weftBin } : {}),
       ...(o.imagePullPolicy !== undefined ? { imagePullPolicy: o.imagePullPolicy } : {}),
@@ -406,9 +381,9 @@ export class KubernetesAgent extends Agent {
     });
     const name = body.metadata!.name!;
     try {
-      await apis.batch.createNamespacedJob({ namespace: this.namespace, body });
+      await apis.batch.createNamespacedJob({ namespace: this.namespace, body }, apis.call);
     } catch (err) {
-      if (kubeCode(err) !== 409) throw new Error(`the Kubernetes API refused Job ${name} in namespace ${this.namespace}: ${kubeErrorText(err)}`);
+      if (kubeCode(err) !== 409) throw new Error(`the Kubernetes API refused Job ${name} in namespace ${this.namespace}: ${kubeErrorText(err, apis.timeoutMs)}`);
       // Created by an earlier deploy of this same attempt: watch that one.
       this.say(`Job ${name} exists already; watching it`);
     }
@@ -455,13 +430,13 @@ export class KubernetesAgent extends Agent {
     let pods: V1Pod[];
     try {
       [jobs, pods] = await Promise.all([
-        apis.batch.listNamespacedJob({ namespace: this.namespace, labelSelector: selector }).then((l) => l.items),
-        apis.core.listNamespacedPod({ namespace: this.namespace, labelSelector: selector }).then((l) => l.items),
+        apis.batch.listNamespacedJob({ namespace: this.namespace, labelSelector: selector }, apis.call).then((l) => l.items),
+        apis.core.listNamespacedPod({ namespace: this.namespace, labelSelector: selector }, apis.call).then((l) => l.items),
       ]);
       if (this.passErrorShown) this.say('the Kubernetes API answers again');
       this.passErrorShown = false;
     } catch (err) {
-      if (!this.passErrorShown) this.say(`cannot list the agent's Jobs (retrying): ${kubeErrorText(err)}`);
+      if (!this.passErrorShown) this.say(`cannot list the agent's Jobs (retrying): ${kubeErrorText(err, apis.timeoutMs)}`);
       this.passErrorShown = true;
       return;
     }
@@ -562,12 +537,13 @@ export class KubernetesAgent extends Agent {
   }
 
   private async podTail(pod: string): Promise<string | null> {
+    const apis = this.apis!;
     try {
-      const text = await this.apis!.core.readNamespacedPodLog({ name: pod, namespace: this.namespace, container: 'flow', tailLines: LOG_TAIL_LINES });
-      const t = String(text).trimEnd();
+      const text = await apis.core.readNamespacedPodLog({ name: pod, namespace: this.namespace, container: 'flow', tailLines: LOG_TAIL_LINES }, apis.call);
+      const t = text.trimEnd();
       return t === '' ? null : t;
     } catch (err) {
-      return `(its log cannot be read: ${kubeErrorText(err)})`;
+      return `(its log cannot be read: ${kubeErrorText(err, apis.timeoutMs)})`;
     }
   }
 
@@ -595,11 +571,12 @@ export class KubernetesAgent extends Agent {
   }
 
   private async deleteJob(t: Tracked): Promise<void> {
+    const apis = this.apis!;
     try {
-      await this.apis!.batch.deleteNamespacedJob({ name: t.name, namespace: this.namespace, propagationPolicy: 'Background' });
+      await apis.batch.deleteNamespacedJob({ name: t.name, namespace: this.namespace, propagationPolicy: 'Background' }, apis.call);
       this.say(`deleted Job ${t.name}`);
     } catch (err) {
-      if (kubeCode(err) !== 404) this.say(`cannot delete Job ${t.name}: ${kubeErrorText(err)}`);
+      if (kubeCode(err) !== 404) this.say(`cannot delete Job ${t.name}: ${kubeErrorText(err, apis.timeoutMs)}`);
     }
   }
 }
