@@ -6,13 +6,17 @@
  * server is in agent-local.test.ts.
  */
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { executeFlowRun, type FlowRunProcessOptions } from '../src/deploy/flow-run.ts';
 import { TaskStateWriter } from '../src/deploy/task-states.ts';
 import type { Store } from '../src/server/store.ts';
 import { registerFixture, tempStore, waitFor, type TempStore } from './fixtures/deploy/harness.ts';
+
+/** Flows checkpointing under `{runId}` (registered here: the harness does not know them). */
+const RUN_ID_FLOWS = fileURLToPath(new URL('./fixtures/runner-run-id-tasks.ts', import.meta.url));
 
 let t: TempStore;
 let store: Store;
@@ -184,6 +188,39 @@ describe('flow-run process', () => {
     expect(tasks.get('a')?.state).toBe('Cached');
     expect(tasks.get('b')?.state).toBe('Success');
     expect(tasks.get('b')?.processId).toBe(second.processId);
+  });
+
+  it('a {runId} checkpoint survives a rerun of the same server run (every attempt runs as the flow-run id)', async () => {
+    await store.registerFlow({
+      project: 'tests',
+      name: 'deploy-run-id',
+      graph: { fixture: 'runner-run-id-tasks.ts' },
+      storage: { kind: 'local', path: RUN_ID_FLOWS, host: hostname(), flow: 'deploy-run-id' },
+      runConfig: { kind: 'local' },
+      executor: { kind: 'local' },
+      parameters: [
+        { name: 'counter', required: true },
+        { name: 'marker', required: true },
+      ],
+      labels: [],
+    });
+    const counter = join(work, 'run-id.counter');
+    const marker = join(work, 'run-id.marker');
+    const id = await submitted('deploy-run-id', { counter, marker });
+    const first = executeFlowRun(opts(id));
+    await waitFor('hold to start', () => existsSync(marker));
+    await waitFor('stamp Success on the server', async () => (await store.getTaskRuns(id)).some((x) => x.key === 'stamp' && x.state === 'Success'));
+    // The checkpoint's path names the server's run, not an attempt.
+    expect(existsSync(join(work, 'results', 'by-run', id, 'stamp.json'))).toBe(true);
+    const back = await store.setFlowRunState(id, 'Scheduled', { message: 'lazarus' });
+    expect((await first).state).toBeNull();
+    await store.setFlowRunState(id, 'Submitted', { expectVersion: back.stateVersion });
+    const second = await executeFlowRun(opts(id));
+    expect(second).toMatchObject({ code: 0, state: 'Success' });
+    expect(readFileSync(counter, 'utf8')).toBe('stamp ran\nhold ran\nhold ran\n');
+    const tasks = new Map((await store.getTaskRuns(id)).map((x) => [x.key, x]));
+    expect(tasks.get('stamp')?.state).toBe('Cached');
+    expect(tasks.get('hold')?.state).toBe('Success');
   });
 
   /** The most `db` tasks that ran at once, from the fixture's start/end lines. */

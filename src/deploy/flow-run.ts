@@ -11,7 +11,8 @@
  * 3. Restart. When the run ran before (lazarus rescheduled it, or task runs exist), the
  *    server's task runs become the runner's `restartFrom`: tasks that ended Success or
  *    Cached there and whose results were checkpointed (under `resultDir`, shared by the
- *    attempts) are restored, not recomputed.
+ *    attempts) are restored, not recomputed. Every attempt runs with the server's flow-run
+ *    id as its `runId`, so a `{runId}` location names the same file in each of them.
  * 4. Run, with three side channels:
  *    - task states → `setTaskRunStates`, batched (TaskStateWriter), each write naming
  *      the version this process last saw of that task run; a refused write means the
@@ -31,9 +32,13 @@
  * After a stop the run is not awaited past `stopGraceMs`: task code that cannot be
  * stopped in-process (a synchronous loop, a pending timer) is left to the process exit.
  *
- * Not done here: the server's task tag concurrency limits apply through `SlotGate`
- * (slots.ts) for executors that take task calls (local, pool); a cluster executor runs
- * the whole graph on its scheduler, where they are not applied.
+ * Task tag concurrency limits (the server's) apply through `SlotGate` (slots.ts), which
+ * sees task calls. Local and pool executors take calls. A cluster executor runs the whole
+ * graph on its scheduler (graph mode, the fast path) unless the server limits a tag of
+ * the flow's tasks, or the run restarts (the scheduler cannot restart a run): then it runs
+ * in call mode, the runner here dispatching each call through the gate. The run's logs
+ * say which mode and why. Limits are read when the run starts: a limit set later on a
+ * tag of a graph-mode run applies from the next run.
  */
 import { randomUUID } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -43,7 +48,7 @@ import { fileURLToPath } from 'node:url';
 import { readTokenFile } from '../cluster/auth.ts';
 import type { Executor } from '../executor/types.ts';
 import { LocalExecutor, PoolExecutor, ClusterExecutor } from '../executor/index.ts';
-import type { TaskStateName } from '../flow/spec.ts';
+import type { GraphSpec, TaskStateName } from '../flow/spec.ts';
 import type { FlowRunResult, RestartRecord, RunOptions } from '../runner/types.ts';
 import { BackendError, type Backend, type ExecutorSettings, type FlowRun, type FlowRunState, type FlowVersion, type LogLevel } from '../server/model.ts';
 import { loadFromStorage } from '../storage/index.ts';
@@ -199,25 +204,20 @@ class FlowRunProcess {
       });
       this.writer = writer;
 
-      const spec = flow.spec();
-      const tagged = taggedKeys(spec);
-      if (tagged.size > 0) {
-        if (executor.runGraph === undefined) {
-          executor = new SlotGate(executor, { backend: this.backend, flowRunId: this.id, tags: tagged, log: (l) => this.say('info', l) });
-        } else {
-          this.say('warn', `the server's task tag limits are not applied with the ${executor.kind} executor (it runs the whole graph on its scheduler)`);
-        }
-      }
+      const restarting = this.run.restarts > 0 || known.length > 0;
+      executor = await this.gated(executor, flow.spec(), restarting);
+      const runId = runIdOf(this.run.id);
       const opts: RunOptions = {
+        runId,
         parameters: { ...this.run.parameters },
         executor,
         resultDir: resolve(cwd, this.o.resultDir ?? '.weft/results'),
         signal: this.controller.signal,
         onTaskState: (e) => writer.record(e),
       };
-      if (this.run.restarts > 0 || known.length > 0) {
+      if (restarting) {
         const restart: RestartRecord = {
-          runId: this.run.id,
+          runId,
           parameters: this.run.parameters,
           tasks: known.map((t) => ({ key: t.key, mapIndex: t.mapIndex, state: t.state })),
         };
@@ -395,6 +395,54 @@ class FlowRunProcess {
     }
   }
 
+  // --- executor mode -------------------------------------------------------------------
+
+  /**
+   * The executor the run uses, so that the server's task tag limits hold whatever the
+   * executor: one that takes task calls is wrapped by a SlotGate when some task has tags.
+   * One that runs the whole graph elsewhere (a cluster) keeps graph mode unless the server
+   * limits one of those tags or the run restarts; then its call mode, gated.
+   */
+  private async gated(executor: Executor, spec: GraphSpec, restarting: boolean): Promise<Executor> {
+    const tagged = taggedKeys(spec);
+    const gate = (inner: Executor): Executor =>
+      tagged.size === 0 ? inner : new SlotGate(inner, { backend: this.backend, flowRunId: this.id, tags: tagged, log: (l) => this.say('info', l) });
+    if (executor.runGraph === undefined) return gate(executor);
+    const limited = tagged.size > 0 ? await this.limitedTags(tagged) : [];
+    const why: string[] = [];
+    if (limited.length > 0) why.push(`the server limits the task tag(s) ${limited.join(', ')}`);
+    if (restarting) why.push('the run restarts from checkpoints, which a scheduler-side run cannot');
+    if (why.length === 0) {
+      const reason = tagged.size === 0 ? 'no task has tags' : 'the server limits none of the task tags';
+      this.say('info', `${executor.kind} executor in graph mode (the whole graph runs on its scheduler): ${reason}`);
+      return executor;
+    }
+    if (executor.asCalls === undefined) {
+      this.say('warn', `${executor.kind} executor in graph mode, though ${why.join(' and ')}: it cannot take task calls`);
+      return executor;
+    }
+    this.say('info', `${executor.kind} executor in call mode (this process dispatches each task call): ${why.join(' and ')}`);
+    return gate(executor.asCalls());
+  }
+
+  /**
+   * The tags of `tagged` that have a limit on the server. A backend that cannot list its
+   * limits (or fails to) counts as limiting every one: call mode is slower, never wrong.
+   */
+  private async limitedTags(tagged: ReadonlyMap<string, readonly string[]>): Promise<string[]> {
+    const tags = new Set<string>();
+    for (const ts of tagged.values()) for (const t of ts) tags.add(t);
+    const lister = (this.backend as Partial<ListsLimits>).listConcurrencyLimits;
+    if (typeof lister !== 'function') return [...tags].sort();
+    try {
+      const limits = await lister.call(this.backend);
+      return [...new Set(limits.filter((l) => l.kind === 'tag' && tags.has(l.name)).map((l) => l.name))].sort();
+    } catch (err) {
+      this.say('warn', `cannot read the server's concurrency limits (treating every task tag as limited): ${describe(err)}`);
+      return [...tags].sort();
+    }
+  }
+
   // --- helpers ------------------------------------------------------------------------
 
   private say(level: LogLevel, message: string): void {
@@ -436,6 +484,17 @@ class FlowRunProcess {
       }
     }
   }
+}
+
+/** What the server's Store and its HTTP client answer (not part of `Backend`). */
+interface ListsLimits {
+  listConcurrencyLimits(): Promise<readonly { readonly kind: string; readonly name: string; readonly limit: number }[]>;
+}
+
+/** The runner's `runId` for a server flow-run id (ids are UUIDs; anything else is made path-safe). */
+function runIdOf(flowRunId: string): string {
+  const id = flowRunId.replace(/[^A-Za-z0-9._=-]/g, '_');
+  return /^\.*$/.test(id) ? `run_${id}` : id;
 }
 
 /** A loader's module (a path or a file: URL) as a path for `loadFlow`. */

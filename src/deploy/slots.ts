@@ -15,9 +15,10 @@
  * gets its slots always has room; if the inner executor reports none at that moment it
  * waits in `ready` and goes with the next outcome.
  *
- * Scope: executors that take task calls (local, pool). A cluster executor hands the whole
- * graph to its scheduler (`runGraph`), which this gate cannot see into; the flow-run
- * process does not wrap those and says so in the run's logs.
+ * Scope: executors that take task calls (local, pool, a cluster's `asCalls()`). A cluster
+ * executor in graph mode hands the whole graph to its scheduler (`runGraph`), which this
+ * gate cannot see into: the flow-run process runs a cluster in call mode, behind this
+ * gate, when the server limits a tag of the flow's tasks (flow-run.ts).
  */
 import type { Executor, ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { GraphSpec } from '../flow/spec.ts';

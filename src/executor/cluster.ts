@@ -217,10 +217,15 @@ export class ClusterExecutor implements Executor {
     }
   }
 
-  private async runAsCalls(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
-    // This executor without runGraph: the runner drives the graph through start/submit.
+  /**
+   * This executor without `runGraph` (see `Executor.asCalls`): the runner drives the whole
+   * graph from this process through `start`/`submit`, as it does a small flat graph, so a
+   * wrapper that must see every task call (the server's tag limits) can sit in between.
+   * Values move between tasks through this process. Its `shutdown()` is this executor's.
+   */
+  asCalls(): Executor {
     const workers = (): number => this.workers;
-    const calls: Executor = {
+    return {
       kind: this.kind,
       get workers(): number {
         return workers();
@@ -231,8 +236,11 @@ export class ClusterExecutor implements Executor {
       cancel: (ids) => this.cancel(ids),
       shutdown: () => this.shutdown(),
     };
+  }
+
+  private async runAsCalls(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
     this.lostDuringRun = null;
-    const result = await runFlow(spec, { ...opts, parameters, executor: calls });
+    const result = await runFlow(spec, { ...opts, parameters, executor: this.asCalls() });
     const lost = this.lostDuringRun as ClusterConnectionError | null;
     this.lostDuringRun = null;
     if (lost !== null) throw new ClusterConnectionError('SCHEDULER_LOST', `flow "${spec.name}": ${lost.message}`, lost.address, { cause: lost });

@@ -99,14 +99,6 @@ export interface Executor {
    */
   close?(): Promise<void>;
   /**
-   * Executors that run whole graphs elsewhere (a cluster scheduler runs the core and the
-   * runner over the graph it receives): `runFlow` hands the spec over instead of driving
-   * calls. `parameters` are already resolved and checked; every task is known to resolve
-   * in this process. The executor honours `opts` (signal, onProgress, onTaskState,
-   * tagLimits, validate, keepResults, resultDir) and, like `runFlow`, rejects only for
-   * problems found before any task runs.
-   */
-  /**
    * Executors that can run a dependent right after its producer, on the producer's
    * worker (a cluster): `future(producer)` stands for the producer's result in the
    * dependent's arguments, `submitAhead(call, producer)` sends the dependent there (false
@@ -115,5 +107,19 @@ export interface Executor {
    */
   future?(producer: number): unknown;
   submitAhead?(call: TaskCall, producer: number): boolean;
+  /**
+   * Executors that run whole graphs elsewhere (a cluster scheduler runs the core and the
+   * runner over the graph it receives): `runFlow` hands the spec over instead of driving
+   * calls. `parameters` are already resolved and checked; every task is known to resolve
+   * in this process. The executor honours `opts` (signal, onProgress, onTaskState,
+   * tagLimits, validate, keepResults, resultDir) and, like `runFlow`, rejects only for
+   * problems found before any task runs.
+   */
   runGraph?(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult>;
+  /**
+   * Executors with `runGraph` that can also take task calls: the same executor without
+   * `runGraph` (same workers, same `shutdown`), so that the runner drives the graph here
+   * and a wrapper that must see every call (the server's task tag limits) can wrap it.
+   */
+  asCalls?(): Executor;
 }

@@ -71,11 +71,22 @@ function specInfo(spec: GraphSpec): SpecInfo {
 /** Run a flow's graph spec to completion. Rejects only for problems found before any task runs. */
 export async function runFlow(spec: GraphSpec, opts: RunOptions = {}): Promise<FlowRunResult> {
   const parameters = resolveParameters(spec, opts);
+  checkRunId(spec, opts.runId);
   const executor: Executor = opts.executor ?? new LocalExecutor();
   if (opts.remote !== true) checkResolvable(spec, executor);
   if (executor.runGraph !== undefined) return executor.runGraph(spec, parameters, opts);
   const run = new FlowRun(spec, opts, parameters, executor);
   return run.execute();
+}
+
+/** A given run id becomes part of checkpoint paths: no separators, no `.`/`..`. */
+function checkRunId(spec: GraphSpec, runId: string | undefined): void {
+  if (runId === undefined) return;
+  if (typeof runId !== 'string' || !/^[A-Za-z0-9._=-]+$/.test(runId) || /^\.+$/.test(runId)) {
+    throw new FlowValidationError(
+      `flow "${spec.name}": runId must be letters, digits and ._=- only (it is part of result paths), got ${preview(runId)}`,
+    );
+  }
 }
 
 /** Required parameters present, types right, no unknown names: before any task runs. */
@@ -166,7 +177,8 @@ class FlowRun {
   private readonly flattened = new Map<number, unknown[]>();
   private readonly timers = new Set<NodeJS.Timeout>();
   private out: Int32Array;
-  private readonly runUuid = randomUUID();
+  /** `{runId}` of this run's locations and its result's runId. */
+  private readonly runUuid: string;
   private readonly resultDir: string;
   private readonly restart: Restart | null;
   private readonly hasHandlers: boolean;
@@ -210,6 +222,7 @@ class FlowRun {
     // Grown to OUT_MAX when a batch fills it (a tiny graph's run does not zero 16 KiB).
     this.out = new Int32Array(Math.min(OUT_MAX, Math.max(64, spec.nodes.length)));
     this.resultDir = opts.resultDir ?? '.weft/results';
+    this.runUuid = opts.runId ?? randomUUID();
     this.restart = opts.restartFrom ? restartOf(opts.restartFrom) : null;
     this.special = new Uint8Array(spec.nodes.length);
     for (let i = 0; i < spec.nodes.length; i++) {

@@ -11,6 +11,14 @@ export interface RunOptions {
   parameters?: Record<string, unknown>;
   /** Default: a fresh LocalExecutor. An executor passed here is started and shut down by the run. */
   executor?: Executor;
+  /**
+   * The run's id: `{runId}` in result locations and `FlowRunResult.runId`. Default a fresh
+   * UUID. Give the same id to every attempt of one logical run (a deployment's flow-run id)
+   * so that a rerun finds the checkpoints an earlier attempt wrote under `{runId}`.
+   * Letters, digits and `._=-` only (it becomes part of a path). A cluster scheduler running
+   * the whole graph uses an id of its own.
+   */
+  runId?: string;
   /** Tag concurrency limits for this run: at most n running tasks carry the tag. */
   tagLimits?: Record<string, number>;
   /** Directory for checkpointed results (templated locations are relative to it). Default `.weft/results`. */
@@ -110,7 +118,7 @@ export interface TaskRunRecord {
 
 export interface FlowRunResult {
   readonly flowName: string;
-  /** A fresh id per run (`{runId}` in result locations). */
+  /** `RunOptions.runId`, or a fresh id per run (`{runId}` in result locations). */
   readonly runId: string;
   readonly state: 'Success' | 'Failed' | 'Cancelled' | 'Paused';
   readonly message: string;
