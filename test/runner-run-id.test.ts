@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
-import { LocalExecutor, PoolExecutor, type Flow, type FlowRunResult, type RunOptions } from '../src/index.ts';
+import { ClusterExecutor, LocalExecutor, PoolExecutor, type Flow, type FlowRunResult, type RunOptions } from '../src/index.ts';
 import type { RestartRecord } from '../src/runner/types.ts';
 import { byRunId, byRunIdTarget } from './fixtures/runner-run-id-tasks.ts';
 
@@ -99,5 +99,34 @@ describe('RunOptions.runId', () => {
   it.each(['', '../escape', 'a/b', '..', 'x y'])('rejects %j before any task runs (it is part of result paths)', async (bad) => {
     await expect(run(byRunId, { runId: bad })).rejects.toMatchObject({ name: 'FlowValidationError', message: expect.stringMatching(/runId/) });
     expect(ran()).toEqual([]);
+  });
+});
+
+describe('RunOptions.runId on a cluster (the graph runs on the scheduler)', () => {
+  // One worker process for the whole block; keepAlive so both runs use it. Closed (its
+  // processes stopped) in afterAll.
+  let cluster: ClusterExecutor | undefined;
+  const exec = (): ClusterExecutor => (cluster ??= new ClusterExecutor({ workers: 1, threads: 1, keepAlive: true }));
+  afterAll(async () => {
+    await cluster?.close();
+  });
+
+  it('the scheduler runs under the given id, and a restart with it resumes from the {runId} checkpoint', async () => {
+    const first = await run(byRunId, { executor: exec(), runId: 'on-cluster' });
+    expect(first.state).toBe('Success');
+    expect(first.runId).toBe('on-cluster');
+    expect(JSON.parse(readFileSync(join(resultDir, 'by-run', 'on-cluster', 'stamp.json'), 'utf8'))).toBe(21);
+    // A restart (refused by the scheduler's graph mode) runs as calls from here.
+    const prev = record(first, 'on-cluster');
+    const tasks = prev.tasks.map((t) => (t.key === 'double' ? { ...t, state: 'Failed' as const } : t));
+    const second = await run(byRunId, { executor: exec(), runId: 'on-cluster', restartFrom: { ...prev, tasks } });
+    expect(second.state).toBe('Success');
+    expect(second.result<number>(byRunId.spec().nodes.findIndex((x) => x.key === 'double'))).toBe(42);
+    expect(ran()).toEqual(['stamp ran', 'double ran', 'double ran']);
+  });
+
+  it('a malformed id is refused for that run only; the next run on the same cluster works', async () => {
+    await expect(run(byRunId, { executor: exec(), runId: '../x' })).rejects.toMatchObject({ message: expect.stringMatching(/runId/) });
+    expect((await run(byRunId, { executor: exec(), runId: 'fine' })).state).toBe('Success');
   });
 });

@@ -656,6 +656,7 @@ class GraphRun {
       summaryMs: opts.onProgress !== undefined ? Math.max(1, opts.progressIntervalMs ?? 100) : 0,
       resultDir: opts.resultDir ?? '',
       results: opts.keepResults !== false,
+      ...(opts.runId !== undefined ? { runId: opts.runId } : {}),
     };
   }
 

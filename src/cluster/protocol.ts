@@ -190,6 +190,8 @@ export interface WireRunOptions {
   readonly resultDir: string;
   /** The client keeps results: send every task run's value with 'finished' when the run is small enough. */
   readonly results?: boolean;
+  /** The run's id (`RunOptions.runId`: `{runId}` in result locations); absent: the scheduler makes one. */
+  readonly runId?: string;
 }
 
 /**

@@ -520,6 +520,8 @@ export class SchedulerServer {
       signal: g.abort.signal,
       keepResults: true,
       ...(opts.resultDir !== '' ? { resultDir: opts.resultDir } : {}),
+      // A run id that is not a string is ignored (runFlow refuses a malformed one, failing this run only).
+      ...(typeof opts.runId === 'string' ? { runId: opts.runId } : {}),
       ...(onTaskState !== undefined ? { onTaskState } : {}),
       ...(onProgress !== undefined ? { onProgress, progressIntervalMs: opts.summaryMs } : {}),
     }).then(

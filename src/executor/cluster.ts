@@ -207,7 +207,10 @@ export class ClusterExecutor implements Executor {
    */
   async runGraph(spec: GraphSpec, parameters: Record<string, unknown>, opts: RunOptions): Promise<FlowRunResult> {
     if (this.closed) throw new Error('ClusterExecutor is closed');
-    if (isSmallFlatGraph(spec, this.options.callModeMaxTasks ?? CALL_MODE_MAX_TASKS)) return this.runAsCalls(spec, parameters, opts);
+    // A restart reads the earlier run's checkpoints here, so it runs as calls too.
+    if (opts.restartFrom !== undefined || isSmallFlatGraph(spec, this.options.callModeMaxTasks ?? CALL_MODE_MAX_TASKS)) {
+      return this.runAsCalls(spec, parameters, opts);
+    }
     try {
       const client = await this.connect();
       const bundle = this.options.bundle === true ? await client.shipBundle(spec.modules) : '';
