@@ -1,7 +1,8 @@
 /**
  * The agent base (src/agent/agent.ts) with an in-process deploy, against a Store on a
  * temp SQLite file: claims by labels and kind, the poll backoff, runs due later started
- * at their time, deploy errors, release on stop, `maxRuns`, the health endpoint.
+ * at their time, deploy errors, release on stop, one record across restarts, `maxRuns`,
+ * the health endpoint.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, type AgentOptions } from '../src/agent/agent.ts';
@@ -171,6 +172,25 @@ describe('Agent', () => {
     expect(run.message).toMatch(/released: the agent stopped before its start time/);
     expect(agent.started).toHaveLength(0);
     await store.cancelFlowRun(later.id);
+  });
+
+  it('keeps one record across restarts under its name, labels as they are now, seen at every poll', async () => {
+    const first = new TestAgent({ backend: store, name: 'restarting-agent', labels: [HOST_LABEL, 'old'] });
+    await first.start();
+    await first.stop();
+    const second = new TestAgent({ backend: store, name: 'restarting-agent', labels: [HOST_LABEL, 'new'] });
+    await second.start();
+    try {
+      expect(second.id).toBe(first.id);
+      const record = async () => (await store.listAgents()).filter((a) => a.name === 'restarting-agent');
+      const [before] = await record();
+      expect(before).toMatchObject({ id: first.id, kind: 'local', labels: [HOST_LABEL, 'new'].sort(), status: 'healthy' });
+      // Its polls (claims) refresh lastSeen.
+      await waitFor('a later poll', async () => ((await record())[0]?.lastSeen ?? 0) > before!.lastSeen);
+      expect(await record()).toHaveLength(1);
+    } finally {
+      await second.stop();
+    }
   });
 
   it('claims no more than maxRuns runs at once', async () => {

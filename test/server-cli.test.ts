@@ -1,7 +1,8 @@
 /**
  * `weft server` as a command: usage errors, and the real process (SQLite and
  * PostgreSQL) printing its URL, requiring its token, keeping its data across a
- * restart, and stopping cleanly on SIGTERM and SIGINT. Every process is stopped by PID.
+ * restart, listing silent agents unhealthy after --agent-timeout, two processes on one
+ * PostgreSQL database feeding each other's changes, and stopping cleanly on SIGTERM and SIGINT. Every process is stopped by PID.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -11,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { main, type CliIO } from '../src/cli/main.ts';
 import { BackendClient } from '../src/server/client.ts';
+import type { ServerEvent } from '../src/server/model.ts';
 import { startPostgres, type TestPostgres } from './helpers/postgres.ts';
 
 const BIN = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
@@ -104,12 +106,14 @@ describe('weft server', () => {
     expect(await main(['server', '--help'], help)).toBe(0);
     expect(help.out).toMatch(/^Usage: weft server \[options\]/);
     expect(help.out).toMatch(/--zombie-timeout S/);
+    expect(help.out).toMatch(/--agent-timeout S +an agent that has not polled for S seconds is listed unhealthy/);
     for (const [args, msg] of [
       [['--port', 'abc'], /--port must be an integer >= 0, got "abc"/],
       [['--port', '70000'], /--port must be at most 65535/],
       [['--db', 'mysql://x'], /--db must be sqlite:PATH or postgres:\/\/…, got 'mysql:\/\/x'/],
       [['--max-restarts', '-1'], /--max-restarts must be an integer >= 0/],
       [['--zombie-timeout', '0'], /--zombie-timeout must be a number >= 1/],
+      [['--agent-timeout', 'soon'], /--agent-timeout must be a number >= 1, got "soon"/],
       [['--bogus'], /unknown flag --bogus/],
       [['extra'], /unexpected argument "extra"/],
     ] as const) {
@@ -126,7 +130,7 @@ describe('weft server', () => {
   });
 
   it('serves SQLite (relative path from its cwd), requires its token, keeps data across restarts, stops on SIGTERM and SIGINT', async () => {
-    const args = ['--db', 'sqlite:data/server.db', '--port', '0', '--token-file', tokenFile, '--zombie-timeout', '30', '--max-restarts', '0'];
+    const args = ['--db', 'sqlite:data/server.db', '--port', '0', '--token-file', tokenFile, '--zombie-timeout', '30', '--max-restarts', '0', '--agent-timeout', '1'];
     const first = await spawnServer(args, tmp);
     expect(first.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
     expect(first.output()).toMatch(new RegExp(`\\(db: sqlite:${tmp.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/data/server\\.db, token required\\)`));
@@ -134,6 +138,10 @@ describe('weft server', () => {
     expect((await fetch(`${first.url}/api/flows`)).status).toBe(401);
     const c = new BackendClient(first.url, { token: TOKEN });
     const { flow } = await c.registerFlow(flowInput);
+    // --agent-timeout 1: an agent silent for longer is listed unhealthy.
+    expect(await c.registerAgent({ name: 'cli-agent', kind: 'local', labels: [] })).toMatchObject({ status: 'healthy' });
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(await c.listAgents()).toMatchObject([{ name: 'cli-agent', status: 'unhealthy' }]);
     expect(await stop(first)).toBe(0);
     expect(first.output()).toMatch(/\[weft server\] refused GET \/api\/flows from 127\.0\.0\.1: no token/);
 
@@ -152,11 +160,21 @@ describe('weft server', () => {
       await pg?.stop();
     });
 
-    it('two server processes share one database', async () => {
+    it("two server processes share one database, and each one's feed carries the other's changes", async () => {
       const [a, b] = await Promise.all([spawnServer(['--db', pg.url, '--port', '0'], tmp), spawnServer(['--db', pg.url, '--port', '0'], tmp)]);
       expect(a.output()).toMatch(/\(db: postgres:\/\/\S+@127\.0\.0\.1:\d+\/weft_test\)/);
+      const events: ServerEvent[] = [];
+      const unsubscribe = await new BackendClient(b!.url).subscribe((e) => events.push(e));
       const { flow } = await new BackendClient(a!.url).registerFlow(flowInput);
       expect((await new BackendClient(b!.url).getFlow(flow.id)).id).toBe(flow.id);
+      const run = await new BackendClient(a!.url).createFlowRun({ flowId: flow.id });
+      const deadline = Date.now() + 15_000;
+      while (!events.some((e) => e.type === 'flowRun' && e.run.id === run.id) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+      unsubscribe();
+      expect(events).toEqual([
+        { type: 'flow', flow },
+        { type: 'flowRun', run },
+      ]);
       expect(await stop(a!)).toBe(0);
       expect(await stop(b!)).toBe(0);
     });

@@ -2,7 +2,9 @@
  * The backend's operations over HTTP (BackendClient → weft server → database), the same
  * suite against SQLite (a temp file) and a real PostgreSQL: registration and versions,
  * runs and their history, conflicts, claims and labels, racing claimers, task-run
- * versions, logs, bundles, concurrency limits, schedules, the zombie killer and lazarus.
+ * versions, logs, bundles, concurrency limits, schedules, the zombie killer and lazarus,
+ * agent records (one per name, claims as heartbeats, status from last-seen, the migration
+ * that folds older servers' per-start records).
  *
  * Every test gets a fresh database and server, so claims never see another test's runs.
  */
@@ -12,7 +14,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BackendClient } from '../src/server/client.ts';
+import { openDb } from '../src/server/db.ts';
 import { startServer, type RunningServer, type ServerOptions } from '../src/server/index.ts';
+import { migrate, MIGRATIONS } from '../src/server/migrations.ts';
 import { BackendError, type FlowRun, type RegisterFlowInput } from '../src/server/model.ts';
 import { startPostgres, type TestPostgres } from './helpers/postgres.ts';
 
@@ -639,5 +643,66 @@ describe.each(['sqlite', 'postgres'] as const)('backend on %s', (kind) => {
     });
     expect(done.restarts).toBe(0);
     expect(done.message).toMatch(/while cancelling/);
+  });
+
+  it('registering a name again answers the same record, with its kind and labels updated and seen now', async () => {
+    let clock = 1_000_000;
+    const { c } = await serve({ now: () => clock });
+    const first = await c.registerAgent({ name: 'builder', kind: 'local', labels: ['b', 'a', 'b'] });
+    expect(first).toEqual({ id: first.id, name: 'builder', kind: 'local', labels: ['a', 'b'], lastSeen: 1_000_000, status: 'healthy' });
+    const other = await c.registerAgent({ name: 'other', kind: 'local', labels: [] });
+    expect(other.id).not.toBe(first.id);
+
+    clock += 5_000;
+    const again = await c.registerAgent({ name: 'builder', kind: 'docker', labels: ['gpu'] });
+    expect(again).toEqual({ id: first.id, name: 'builder', kind: 'docker', labels: ['gpu'], lastSeen: 1_005_000, status: 'healthy' });
+    // Concurrent registrations of one name (two starts racing) still make one record.
+    const raced = await Promise.all([0, 1, 2, 3].map(() => c.registerAgent({ name: 'racer', kind: 'local', labels: [] })));
+    expect(new Set(raced.map((a) => a.id)).size).toBe(1);
+
+    const listed = await c.listAgents();
+    expect(listed.map((a) => a.name).sort()).toEqual(['builder', 'other', 'racer']);
+    expect(listed.find((a) => a.name === 'builder')).toEqual(again);
+  });
+
+  it('an agent not seen within the timeout is unhealthy; a claim (every poll) is its heartbeat', async () => {
+    let clock = 2_000_000;
+    const { c } = await serve({ now: () => clock, agentTimeoutMs: 30_000 });
+    const agent = await c.registerAgent({ name: 'poller', kind: 'local', labels: [] });
+    const idle = await c.registerAgent({ name: 'idle', kind: 'local', labels: [] });
+    const status = async (): Promise<Record<string, string>> => Object.fromEntries((await c.listAgents()).map((a) => [a.name, `${a.status}@${a.lastSeen}`]));
+
+    clock += 30_000;
+    expect(await status()).toEqual({ poller: 'healthy@2000000', idle: 'healthy@2000000' });
+    clock += 1;
+    expect(await status()).toEqual({ poller: 'unhealthy@2000000', idle: 'unhealthy@2000000' });
+    // A claim that takes nothing (an agent at capacity polls with before: 0) still counts.
+    expect(await c.claimFlowRuns({ agentId: agent.id, labels: [], before: 0, limit: 1 })).toEqual([]);
+    expect(await status()).toEqual({ poller: 'healthy@2030001', idle: 'unhealthy@2000000' });
+    // Most recently seen first.
+    expect((await c.listAgents()).map((a) => a.id)).toEqual([agent.id, idle.id]);
+  });
+
+  it('the migration keeps one record per name: the most recently seen', async () => {
+    const url = await freshDb();
+    const db = await openDb(url);
+    try {
+      await migrate(db, MIGRATIONS.filter((m) => m.version === 1));
+      const rows: [string, string, number][] = [
+        ['old-1', 'restarted', 100],
+        ['new-1', 'restarted', 300],
+        ['mid-1', 'restarted', 200],
+        ['only', 'single', 50],
+      ];
+      for (const [id, name, seen] of rows) {
+        await db.run("INSERT INTO agents (id, name, kind, labels, created_at, last_seen) VALUES ($1, $2, 'local', '[]', $3, $3)", [id, name, seen]);
+      }
+      expect(await migrate(db)).toContain(2);
+      expect((await db.all('SELECT id FROM agents ORDER BY id')).map((r) => r.id)).toEqual(['new-1', 'only']);
+    } finally {
+      await db.close();
+    }
+    const { c } = await serve({ db: url });
+    expect((await c.registerAgent({ name: 'restarted', kind: 'local', labels: [] })).id).toBe('new-1');
   });
 });

@@ -8,13 +8,17 @@
  * - `start()` registers the agent (`registerAgent`) and polls `claimFlowRuns` for runs due
  *   before now + 10 s (prefetch) whose labels are all among the agent's. The server
  *   claims atomically (Scheduled → Submitted), so two agents never get the same run.
+ *   Registration is by name: an agent restarted under its name keeps its record (and
+ *   id), with its kind and labels as they are now.
  * - Polls back off when there is no work: 0.25 s, doubling up to 10 s; a poll that found
  *   work is followed by the next one at once. Prefect 1's agent does the same.
  * - A claimed run whose scheduledStart is in the future starts at that time (a timer);
  *   before it starts, the run is read again, so one cancelled meanwhile is not started.
- * - The agent's polls are its heartbeat: each claim updates its `lastSeen`. An agent at
- *   its `maxRuns` does not claim; it still polls with `before: 0` (claims nothing,
- *   updates `lastSeen`) at the longest poll interval.
+ * - The agent's polls are its heartbeat: each claim updates its `lastSeen`, and the
+ *   server lists an agent not seen within its agent timeout (default 60 s, well above
+ *   the longest poll interval) as `unhealthy`. An agent at its `maxRuns` does not claim;
+ *   it still polls with `before: 0` (claims nothing, updates `lastSeen`) at the longest
+ *   poll interval.
  *
  * Which agent takes a run is decided by labels, as in Prefect 1: a run carries its run
  * config's and its storage's labels, an agent holds its own labels (plus implicit ones:

@@ -6,13 +6,15 @@
  */
 import { readTokenFile } from '../cluster/auth.ts';
 import { startScheduler, type SchedulerOptions } from '../cluster/scheduler.ts';
-import { formatFlags, parseArgs, UsageError, type FlagSpec } from './args.ts';
+import { formatFlags, UsageError, type FlagSpec } from './args.ts';
+import { listenFlags, numberFlag, parseServingArgs, portFlag, untilSignal } from './serving.ts';
 import { readTlsFlags } from './tls-flags.ts';
 
 export const SCHEDULER_FLAGS: readonly FlagSpec[] = [
-  { name: 'host', kind: 'string', value: 'HOST', help: 'address to listen on (default 127.0.0.1)' },
-  { name: 'port', kind: 'string', value: 'PORT', help: 'port for workers, clients, /status and /metrics (default 8786; 0 = any free port)' },
-  { name: 'token-file', kind: 'string', value: 'FILE', help: 'shared secret (file mode 600): workers and clients must prove they know it' },
+  ...listenFlags({
+    port: 'port for workers, clients, /status and /metrics (default 8786; 0 = any free port)',
+    token: 'shared secret (file mode 600): workers and clients must prove they know it',
+  }),
   { name: 'tls-cert', kind: 'string', value: 'FILE', help: 'PEM certificate: serve wss:// and https://' },
   { name: 'tls-key', kind: 'string', value: 'FILE', help: 'PEM private key of --tls-cert' },
   { name: 'tls-ca', kind: 'string', value: 'FILE', help: 'PEM CA: peers must present a client certificate it signed' },
@@ -30,13 +32,6 @@ GET /status (JSON) and /metrics (Prometheus) on the same port.
 Options:
 ${formatFlags(SCHEDULER_FLAGS)}`;
 
-function intFlag(v: unknown, flag: string, min: number): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min) throw new UsageError(`--${flag} must be an integer >= ${min}, got ${JSON.stringify(v)}`);
-  return n;
-}
-
 export interface SchedulerCommandIO {
   stdout: { write(s: string): unknown };
   stderr: { write(s: string): unknown };
@@ -46,18 +41,13 @@ export interface SchedulerCommandIO {
 export async function schedulerCommand(argv: string[], io: SchedulerCommandIO = process): Promise<number> {
   let opts: SchedulerOptions;
   try {
-    const { flags, positionals } = parseArgs(argv, SCHEDULER_FLAGS);
-    if (flags.help === true) {
-      io.stdout.write(`${SCHEDULER_USAGE}\n`);
-      return 0;
-    }
-    if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
-    const port = intFlag(flags.port, 'port', 0) ?? 8786;
-    if (port > 65535) throw new UsageError(`--port must be at most 65535, got ${port}`);
+    const flags = parseServingArgs(argv, SCHEDULER_FLAGS, SCHEDULER_USAGE, io.stdout);
+    if (flags === null) return 0;
+    const port = portFlag(flags.port, 8786);
     opts = { host: (flags.host as string | undefined) ?? '127.0.0.1', port, log: (line) => io.stderr.write(`[weft scheduler] ${line}\n`) };
-    const hb = intFlag(flags['heartbeat-ms'], 'heartbeat-ms', 10);
+    const hb = numberFlag(flags['heartbeat-ms'], 'heartbeat-ms', 10);
     if (hb !== undefined) opts.heartbeatMs = hb;
-    const ttl = intFlag(flags['worker-ttl'], 'worker-ttl', 2);
+    const ttl = numberFlag(flags['worker-ttl'], 'worker-ttl', 2);
     if (ttl !== undefined) opts.missedHeartbeats = ttl;
     if (typeof flags['token-file'] === 'string') opts.token = await readTokenFile(flags['token-file']);
     const tls = await readTlsFlags(flags);
@@ -78,15 +68,7 @@ export async function schedulerCommand(argv: string[], io: SchedulerCommandIO = 
     return 1;
   }
   io.stdout.write(`weft scheduler listening on ${server.address} (status ${server.httpUrl}/status)\n`);
-  await new Promise<void>((resolve) => {
-    const stop = (): void => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      resolve();
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
+  await untilSignal();
   await server.close();
   return 0;
 }

@@ -5,17 +5,20 @@
  * and tests read the URL from it); the server's log lines go to stderr.
  */
 import { readTokenFile } from '../cluster/auth.ts';
-import { formatFlags, parseArgs, UsageError, type FlagSpec } from './args.ts';
+import { formatFlags, UsageError, type FlagSpec } from './args.ts';
 import type { CliIO } from './main.ts';
+import { listenFlags, numberFlag, parseServingArgs, portFlag, untilSignal } from './serving.ts';
 
 export const SERVER_FLAGS: readonly FlagSpec[] = [
   { name: 'db', kind: 'string', value: 'URL', help: 'sqlite:PATH (default sqlite:.weft/server.db) or postgres://USER@HOST:PORT/DB' },
-  { name: 'host', kind: 'string', value: 'HOST', help: 'address to listen on (default 127.0.0.1)' },
-  { name: 'port', kind: 'string', value: 'PORT', help: 'port of the API (default 4200; 0 = any free port)' },
-  { name: 'token-file', kind: 'string', value: 'FILE', help: 'API token (file mode 600): every request but /api/health must send it as a Bearer token' },
+  ...listenFlags({
+    port: 'port of the API (default 4200; 0 = any free port)',
+    token: 'API token (file mode 600): every request but /api/health must send it as a Bearer token',
+  }),
   { name: 'zombie-timeout', kind: 'string', value: 'S', help: 'a running flow run without a heartbeat for S seconds lost its process (default 60)' },
   { name: 'lazarus-timeout', kind: 'string', value: 'S', help: 'a submitted flow run not running after S seconds is rescheduled (default 60)' },
   { name: 'max-restarts', kind: 'string', value: 'N', help: 'times a lost or stuck flow run is rescheduled before it is Failed (default 3; 0 = fail at once)' },
+  { name: 'agent-timeout', kind: 'string', value: 'S', help: 'an agent that has not polled for S seconds is listed unhealthy (default 60)' },
   { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
 ];
 
@@ -33,15 +36,6 @@ Examples:
   weft server
   weft server --db postgres://weft@db.internal:5432/weft --host 0.0.0.0 --token-file ~/.weft/token`;
 
-function numberFlag(v: unknown, flag: string, min: number, integer: boolean): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < min || (integer && !Number.isInteger(n))) {
-    throw new UsageError(`--${flag} must be ${integer ? 'an integer' : 'a number'} >= ${min}, got ${JSON.stringify(v)}`);
-  }
-  return n;
-}
-
 export async function serverCommand(args: readonly string[], io: CliIO): Promise<number> {
   try {
     return await serve(args, io);
@@ -53,19 +47,15 @@ export async function serverCommand(args: readonly string[], io: CliIO): Promise
 }
 
 async function serve(args: readonly string[], io: CliIO): Promise<number> {
-  const { flags, positionals } = parseArgs(args, SERVER_FLAGS);
-  if (flags.help === true) {
-    io.stdout.write(`${SERVER_USAGE}\n`);
-    return 0;
-  }
-  if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`);
-  const port = numberFlag(flags.port, 'port', 0, true) ?? 4200;
-  if (port > 65535) throw new UsageError(`--port must be at most 65535, got ${port}`);
+  const flags = parseServingArgs(args, SERVER_FLAGS, SERVER_USAGE, io.stdout);
+  if (flags === null) return 0;
+  const port = portFlag(flags.port, 4200);
   const db = typeof flags.db === 'string' ? flags.db : undefined;
   if (db !== undefined && !/^(sqlite:|postgres(ql)?:\/\/)/.test(db)) throw new UsageError(`--db must be sqlite:PATH or postgres://…, got '${db}'`);
   const zombie = numberFlag(flags['zombie-timeout'], 'zombie-timeout', 1, false);
   const lazarus = numberFlag(flags['lazarus-timeout'], 'lazarus-timeout', 1, false);
-  const maxRestarts = numberFlag(flags['max-restarts'], 'max-restarts', 0, true);
+  const maxRestarts = numberFlag(flags['max-restarts'], 'max-restarts', 0);
+  const agentTimeout = numberFlag(flags['agent-timeout'], 'agent-timeout', 1, false);
 
   let token: string | undefined;
   if (typeof flags['token-file'] === 'string') {
@@ -91,6 +81,7 @@ async function serve(args: readonly string[], io: CliIO): Promise<number> {
       ...(zombie !== undefined ? { zombieTimeoutMs: zombie * 1000 } : {}),
       ...(lazarus !== undefined ? { lazarusTimeoutMs: lazarus * 1000 } : {}),
       ...(maxRestarts !== undefined ? { maxRestarts } : {}),
+      ...(agentTimeout !== undefined ? { agentTimeoutMs: agentTimeout * 1000 } : {}),
       log,
     });
   } catch (err) {
@@ -98,15 +89,7 @@ async function serve(args: readonly string[], io: CliIO): Promise<number> {
     return 1;
   }
   io.stdout.write(`weft server listening on ${server.url} (db: ${server.db.description}${token !== undefined ? ', token required' : ''})\n`);
-  await new Promise<void>((resolve) => {
-    const stop = (): void => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      resolve();
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
+  await untilSignal();
   log('shutting down');
   await server.close();
   return 0;

@@ -45,6 +45,9 @@ export const STATE_NAMES: readonly TaskStateName[] = [
   'Cancelled',
 ];
 
+/** Every task state name once (MAPPING and MAPPED are both 'Mapped'): the names the edges accept. */
+export const TASK_STATE_NAMES = [...new Set(STATE_NAMES)] as readonly TaskStateName[] as readonly [TaskStateName, ...TaskStateName[]];
+
 /** Short names that tell MAPPING and MAPPED apart, for stories and errors. */
 export const STATE_LABELS: readonly string[] = [
   'pending',

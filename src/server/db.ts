@@ -21,7 +21,7 @@
 import { mkdirSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import type { Database as SqliteDatabase, Statement } from 'better-sqlite3';
-import type { Pool, PoolClient } from 'pg';
+import type { Client, Pool, PoolClient } from 'pg';
 
 export type Row = Record<string, unknown>;
 export type Dialect = 'sqlite' | 'postgres';
@@ -52,8 +52,30 @@ export interface Db extends Sql {
    * `BEGIN IMMEDIATE` already holds the one write lock.
    */
   lockRows(opts?: { skipLocked?: boolean; of?: string }): string;
+  /**
+   * PostgreSQL only (undefined on SQLite): LISTEN on `channel` on a connection of its
+   * own (not the pool's). A dropped connection is reconnected with backoff; notices sent
+   * while it was down are lost, so `onReconnect` is called once it listens again.
+   */
+  readonly listen?: (channel: string, handlers: ListenHandlers) => Promise<Listener>;
   close(): Promise<void>;
 }
+
+export interface ListenHandlers {
+  /** One NOTIFY's payload, in commit order. */
+  onNotice(payload: string): void;
+  /** Listening again after the connection dropped (and `onLost`): notices may have been missed. */
+  onReconnect?(): void;
+  /** The connection dropped; `attempt` counts the reconnects tried since. */
+  onLost?(err: Error, attempt: number): void;
+}
+
+export interface Listener {
+  close(): Promise<void>;
+}
+
+/** Waits between reconnects of a listener: doubling from 100 ms up to 5 s. */
+export const LISTEN_BACKOFF = { firstMs: 100, maxMs: 5000 } as const;
 
 export interface OpenDbOptions {
   /** Relative SQLite paths resolve against this (default: process.cwd()). */
@@ -305,10 +327,86 @@ async function openPostgres(url: string, opts: OpenDbOptions): Promise<Db> {
       }
     },
     lockRows: (o = {}) => ` FOR UPDATE${o.of !== undefined ? ` OF ${o.of}` : ''}${o.skipLocked === true ? ' SKIP LOCKED' : ''}`,
+    listen: (channel, handlers) => listenPostgres(() => new pg.Client({ connectionString: url }), channel, handlers),
     async close(): Promise<void> {
       if (closed) return;
       closed = true;
       await pool.end();
+    },
+  };
+}
+
+/**
+ * A LISTEN that outlives its connection: when the client errors or ends, a new one is
+ * connected after a backoff (LISTEN_BACKOFF) and LISTENs again. The first connection
+ * must succeed (the promise rejects otherwise); later ones are retried until `close()`.
+ */
+async function listenPostgres(connect: () => Client, channel: string, h: ListenHandlers): Promise<Listener> {
+  if (!/^[a-z_][a-z0-9_]*$/.test(channel)) throw new TypeError(`bad channel name ${JSON.stringify(channel)}`);
+  let client: Client | null = null;
+  let closed = false;
+  let timer: NodeJS.Timeout | null = null;
+  let attempt = 0;
+
+  const open = async (): Promise<Client> => {
+    const c = connect();
+    c.on('notification', (n) => {
+      if (n.channel === channel && n.payload !== undefined) h.onNotice(n.payload);
+    });
+    // Only a connection that listened reconnects when it drops ('error' and 'end' both
+    // come then: the first one counts); a failed connect is the caller's to retry.
+    let live = false;
+    const onDrop = (err: Error): void => {
+      if (!live || closed) return;
+      live = false;
+      client = null;
+      c.end().catch(() => undefined);
+      retry(err);
+    };
+    c.on('error', onDrop);
+    c.on('end', () => onDrop(new Error('the listener connection ended')));
+    try {
+      await c.connect();
+      await c.query(`LISTEN ${channel}`);
+    } catch (err) {
+      c.end().catch(() => undefined);
+      throw err;
+    }
+    live = true;
+    return c;
+  };
+  const retry = (err: Error): void => {
+    if (closed) return;
+    attempt++;
+    h.onLost?.(err, attempt);
+    const wait = Math.min(LISTEN_BACKOFF.firstMs * 2 ** Math.min(attempt - 1, 16), LISTEN_BACKOFF.maxMs);
+    timer = setTimeout(() => {
+      timer = null;
+      open().then(
+        (c) => {
+          if (closed) {
+            void c.end().catch(() => undefined);
+            return;
+          }
+          client = c;
+          attempt = 0;
+          h.onReconnect?.();
+        },
+        (e: unknown) => retry(e instanceof Error ? e : new Error(String(e))),
+      );
+    }, wait);
+    timer.unref();
+  };
+
+  client = await open();
+  return {
+    async close(): Promise<void> {
+      closed = true;
+      if (timer !== null) clearTimeout(timer);
+      timer = null;
+      const c = client;
+      client = null;
+      await c?.end().catch(() => undefined);
     },
   };
 }

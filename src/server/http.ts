@@ -16,17 +16,21 @@
  * 401, one line in the log and a count in `/metrics`.
  *
  * The feed sends each `ServerEvent` as one JSON text message, after its write
- * committed; `?flowRun=ID` keeps the events of one run (its run, task runs and logs).
- * A client that falls `feedHighWaterBytes` behind is closed (1013): it should reconnect
- * and re-read what it shows, rather than get an unbounded queue or silent gaps.
+ * committed: the writes made through this server, and on PostgreSQL those of every other
+ * server on the database (`notices.ts`). `?flowRun=ID` keeps the events of one run (its
+ * run, task runs and logs). A client that falls `feedHighWaterBytes` behind is closed
+ * (1013), and every client is closed (1012) when the server may have missed other
+ * servers' changes (its listener connection dropped): a client should reconnect and
+ * re-read what it shows, rather than get an unbounded queue or silent gaps.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { z, type ZodType, type ZodTypeDef } from 'zod';
-import type { TaskStateName } from '../flow/spec.ts';
 import { checkRunConfig } from '../run-config/index.ts';
+import { TASK_STATE_NAMES } from '../scheduler/states.ts';
+import { handleDashboard } from './dashboard.ts';
 import { BackendError, type FlowRunState, type ServerEvent } from './model.ts';
 import { parseCron } from './schedule.ts';
 import type { Store } from './store.ts';
@@ -46,26 +50,11 @@ export interface ApiOptions {
 }
 
 export const FLOW_RUN_STATES = ['Scheduled', 'Submitted', 'Running', 'Cancelling', 'Success', 'Failed', 'Cancelled'] as const satisfies readonly FlowRunState[];
-export const TASK_STATES = [
-  'Pending',
-  'Scheduled',
-  'Running',
-  'Retrying',
-  'Looped',
-  'Success',
-  'Cached',
-  'Mapped',
-  'Skipped',
-  'Failed',
-  'TimedOut',
-  'TriggerFailed',
-  'Cancelled',
-  'Paused',
-] as const satisfies readonly TaskStateName[];
-// Both lists must name every state: a state added to the model fails to compile here.
+/** The task state names the API accepts: the scheduler's own list. */
+export const TASK_STATES = TASK_STATE_NAMES;
+// Every flow-run state must be listed: a state added to the model fails to compile here.
 type Missing<All, Listed> = Exclude<All, Listed> extends never ? true : never;
 const _allRunStates: Missing<FlowRunState, (typeof FLOW_RUN_STATES)[number]> = true;
-const _allTaskStates: Missing<TaskStateName, (typeof TASK_STATES)[number]> = true;
 
 // ---------------------------------------------------------------------------------
 // Schemas
@@ -282,6 +271,11 @@ interface Route {
 export interface Api {
   handle(req: IncomingMessage, res: ServerResponse): void;
   upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void;
+  /**
+   * Close every feed client (1012) so it reconnects and re-reads: the feed missed
+   * changes (the relay of other servers' changes lost its connection).
+   */
+  resetFeed(why: string): void;
   /** Closes feed clients; the HTTP server is its owner's to close. */
   close(): void;
 }
@@ -714,6 +708,8 @@ export function createApi(store: Store, opts: ApiOptions = {}): Api {
 
   return {
     handle(req, res): void {
+      // `/` and `/ui/*`: the dashboard's static files, served without a token (they hold no data).
+      if (handleDashboard(req, res)) return;
       handle(req, res).catch((err: unknown) => {
         log(`request handling failed: ${err instanceof Error ? err.message : String(err)}`);
         if (!res.headersSent) sendError(res, 500, 'INTERNAL', 'internal error');
@@ -721,6 +717,11 @@ export function createApi(store: Store, opts: ApiOptions = {}): Api {
       });
     },
     upgrade,
+    resetFeed(why: string): void {
+      if (feed.size > 0) log(`closing ${feed.size} feed client${feed.size === 1 ? '' : 's'}: ${why}`);
+      for (const ws of feed.keys()) ws.close(1012, 'missed changes: reconnect and re-read');
+      feed.clear();
+    },
     close(): void {
       unsubscribe();
       clearInterval(pinger);

@@ -186,6 +186,18 @@ export const MIGRATIONS: readonly Migration[] = [
       )`,
     ],
   },
+  {
+    version: 2,
+    name: 'one agent record per name',
+    // Registrations before this one made a record per start: keep each name's most recently
+    // seen record (ties: the greatest id), then let the name be the agent's key.
+    statements: () => [
+      `DELETE FROM agents WHERE id IN (
+        SELECT a.id FROM agents a JOIN agents b ON b.name = a.name AND (b.last_seen > a.last_seen OR (b.last_seen = a.last_seen AND b.id > a.id))
+      )`,
+      'CREATE UNIQUE INDEX agents_name ON agents (name)',
+    ],
+  },
 ];
 
 /** Any 64-bit constant: the advisory lock key of weft's migrations. */

@@ -220,12 +220,19 @@ export interface StoredLogEntry extends LogEntry {
   readonly seq: number;
 }
 
+/** `healthy`: the agent polled (registered or claimed) within the server's agent timeout. */
+export type AgentStatus = 'healthy' | 'unhealthy';
+
+/** One record per agent name: a restarted agent registers again and keeps its id. */
 export interface AgentRecord {
   readonly id: string;
   readonly name: string;
   readonly kind: string;
   readonly labels: readonly string[];
+  /** Its last registration or claim (every poll claims, so this is its heartbeat). */
   readonly lastSeen: number;
+  /** Derived when read, from `lastSeen` and the server's agent timeout. */
+  readonly status: AgentStatus;
 }
 
 /** What changed, on the server's live feed (WebSocket `/api/events`). */
@@ -269,6 +276,7 @@ export interface Backend {
   /** A flow-run process is alive; answers the run's state (a process stops on Cancelling). */
   heartbeatFlowRun(id: string): Promise<FlowRun>;
 
+  /** Idempotent by name: the same name answers the same id, with kind and labels updated. */
   registerAgent(input: { name: string; kind: string; labels: readonly string[] }): Promise<AgentRecord>;
   /** Claim due runs atomically (Scheduled → Submitted): two agents never get the same run. */
   claimFlowRuns(input: ClaimInput): Promise<ClaimedRun[]>;

@@ -23,7 +23,9 @@
  *   the run is rescheduled or failed by the zombie killer or lazarus.
  *
  * Events (`onEvent`) are emitted after the transaction commits, never for a write that
- * rolled back. Errors are `BackendError`s with the HTTP status the API answers.
+ * rolled back; on PostgreSQL the transaction also NOTIFYs them (delivered at commit) for
+ * the other servers on the database (`notices.ts`). Errors are `BackendError`s with the
+ * HTTP status the API answers.
  */
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { checkRunConfig, type RunConfig } from '../run-config/index.ts';
@@ -55,12 +57,17 @@ import {
   type TaskRunUpdate,
   type TaskRunWriteResult,
 } from './model.ts';
+import { eventFromRead, encodeNotices, FEED_CHANNEL, type NoticeItem } from './notices.ts';
 import { canonicalJson, checkClock, nextTicks } from './schedule.ts';
 
 export interface StoreOptions {
   /** The clock (ms). Default Date.now. */
   readonly now?: () => number;
+  /** An agent not seen (registered or claimed) for this long is `unhealthy`. Default 60 s. */
+  readonly agentTimeoutMs?: number;
 }
+
+export const DEFAULT_AGENT_TIMEOUT_MS = 60_000;
 
 /** States whose runs hold an agent's attention (and count against label limits). */
 export const ACTIVE_STATES: readonly FlowRunState[] = ['Submitted', 'Running', 'Cancelling'];
@@ -72,6 +79,7 @@ const RUN_COLS =
 const TASK_COLS = 'id, flow_run_id, key, map_index, state, version, attempts, started_at, ended_at, message, process_id';
 const FLOW_COLS = 'f.id, f.project_id, p.name AS project, f.name, f.version, f.version_id, f.schedule, f.created_at, f.updated_at';
 const VERSION_COLS = 'id, flow_id, version, fingerprint, graph, storage, run_config, executor, parameters, labels, created_at';
+const AGENT_COLS = 'id, name, kind, labels, last_seen';
 
 const notFound = (what: string): BackendError => new BackendError(404, 'NOT_FOUND', `${what} not found`);
 const badRequest = (message: string): BackendError => new BackendError(400, 'BAD_REQUEST', message);
@@ -86,75 +94,86 @@ const numOrNull = (v: unknown): number | null => (v === null || v === undefined 
 const strOrNull = (v: unknown): string | null => (v === null || v === undefined ? null : String(v));
 const json = <T>(v: unknown): T => JSON.parse(String(v)) as T;
 
-function toRun(r: Row): FlowRun {
-  return {
-    id: String(r.id),
-    flowId: String(r.flow_id),
-    flowName: String(r.flow_name),
-    project: String(r.project),
-    versionId: String(r.version_id),
-    version: num(r.version),
-    state: r.state as FlowRunState,
-    stateVersion: num(r.state_version),
-    message: strOrNull(r.message),
-    parameters: json<Record<string, unknown>>(r.parameters),
-    labels: json<string[]>(r.labels),
-    scheduledStart: num(r.scheduled_start),
-    startedAt: numOrNull(r.started_at),
-    endedAt: numOrNull(r.ended_at),
-    heartbeatAt: numOrNull(r.heartbeat_at),
-    agentId: strOrNull(r.agent_id),
-    restarts: num(r.restarts),
-    idempotencyKey: strOrNull(r.idempotency_key),
-    createdAt: num(r.created_at),
+/** How each field of a record is read from its column: the field's name in snake_case. */
+type Fields<T> = { readonly [K in keyof T]-?: (v: unknown) => T[K] };
+
+/** A row → record function from one reader per field (one table says which column is what). */
+function reader<T>(fields: Fields<T>): (r: Row) => T {
+  const cols = Object.entries(fields as Record<string, (v: unknown) => unknown>).map(
+    ([k, read]) => [k, k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`), read] as const,
+  );
+  return (r) => {
+    const out: Record<string, unknown> = {};
+    for (const [k, col, read] of cols) out[k] = read(r[col]);
+    return out as T;
   };
 }
 
-function toFlow(r: Row): FlowRecord {
-  return {
-    id: String(r.id),
-    projectId: String(r.project_id),
-    project: String(r.project),
-    name: String(r.name),
-    version: num(r.version),
-    versionId: String(r.version_id),
-    schedule: r.schedule === null || r.schedule === undefined ? null : json<Schedule>(r.schedule),
-    createdAt: num(r.created_at),
-    updatedAt: num(r.updated_at),
-  };
-}
+const str = (v: unknown): string => String(v);
+const cast = <T>(v: unknown): T => v as T;
+const jsonOrNull = <T>(v: unknown): T | null => (v === null || v === undefined ? null : json<T>(v));
 
-function toVersion(r: Row): FlowVersion {
-  return {
-    id: String(r.id),
-    flowId: String(r.flow_id),
-    version: num(r.version),
-    fingerprint: String(r.fingerprint),
-    graph: json<unknown>(r.graph),
-    storage: json<StorageRef>(r.storage),
-    runConfig: json<RunConfig>(r.run_config),
-    executor: json<ExecutorSettings>(r.executor),
-    parameters: json<ParameterInfo[]>(r.parameters),
-    labels: json<string[]>(r.labels),
-    createdAt: num(r.created_at),
-  };
-}
+const toRun = reader<FlowRun>({
+  id: str,
+  flowId: str,
+  flowName: str,
+  project: str,
+  versionId: str,
+  version: num,
+  state: cast<FlowRunState>,
+  stateVersion: num,
+  message: strOrNull,
+  parameters: json<Record<string, unknown>>,
+  labels: json<string[]>,
+  scheduledStart: num,
+  startedAt: numOrNull,
+  endedAt: numOrNull,
+  heartbeatAt: numOrNull,
+  agentId: strOrNull,
+  restarts: num,
+  idempotencyKey: strOrNull,
+  createdAt: num,
+});
 
-function toTask(r: Row): TaskRun {
-  return {
-    id: String(r.id),
-    flowRunId: String(r.flow_run_id),
-    key: String(r.key),
-    mapIndex: num(r.map_index),
-    state: r.state as TaskRun['state'],
-    version: num(r.version),
-    attempts: num(r.attempts),
-    startedAt: numOrNull(r.started_at),
-    endedAt: numOrNull(r.ended_at),
-    message: strOrNull(r.message),
-    processId: strOrNull(r.process_id),
-  };
-}
+const toFlow = reader<FlowRecord>({
+  id: str,
+  projectId: str,
+  project: str,
+  name: str,
+  version: num,
+  versionId: str,
+  schedule: jsonOrNull<Schedule>,
+  createdAt: num,
+  updatedAt: num,
+});
+
+const toVersion = reader<FlowVersion>({
+  id: str,
+  flowId: str,
+  version: num,
+  fingerprint: str,
+  graph: json<unknown>,
+  storage: json<StorageRef>,
+  runConfig: json<RunConfig>,
+  executor: json<ExecutorSettings>,
+  parameters: json<ParameterInfo[]>,
+  labels: json<string[]>,
+  createdAt: num,
+});
+
+const toTask = reader<TaskRun>({
+  id: str,
+  flowRunId: str,
+  key: str,
+  mapIndex: num,
+  state: cast<TaskRun['state']>,
+  version: num,
+  attempts: num,
+  startedAt: numOrNull,
+  endedAt: numOrNull,
+  message: strOrNull,
+  processId: strOrNull,
+});
 
 function toLog(r: Row): StoredLogEntry {
   const e: StoredLogEntry = {
@@ -169,10 +188,6 @@ function toLog(r: Row): StoredLogEntry {
   if (r.task_key !== null && r.task_key !== undefined) extra.taskKey = String(r.task_key);
   if (r.map_index !== null && r.map_index !== undefined) extra.mapIndex = num(r.map_index);
   return { ...e, ...extra };
-}
-
-function toAgent(r: Row): AgentRecord {
-  return { id: String(r.id), name: String(r.name), kind: String(r.kind), labels: json<string[]>(r.labels), lastSeen: num(r.last_seen) };
 }
 
 const uniqSorted = (xs: Iterable<string>): string[] => [...new Set(xs)].sort();
@@ -207,18 +222,31 @@ type Events = ServerEvent[];
 
 export class Store implements Backend {
   readonly db: Db;
+  /** Names this store's notices, so its own relay skips them (it emitted them already). */
+  readonly origin: string = randomUUID();
   private readonly now: () => number;
+  private readonly agentTimeoutMs: number;
   private readonly listeners = new Set<(e: ServerEvent) => void>();
 
   constructor(db: Db, opts: StoreOptions = {}) {
     this.db = db;
     this.now = opts.now ?? Date.now;
+    this.agentTimeoutMs = opts.agentTimeoutMs ?? DEFAULT_AGENT_TIMEOUT_MS;
   }
 
-  /** Hear every change after it commits; answers the unsubscribe function. */
+  /**
+   * Hear every change after it commits; answers the unsubscribe function. On PostgreSQL
+   * with a relay (`startRelay`, which `startServer` runs) this includes the changes other
+   * servers on the database commit.
+   */
   onEvent(fn: (e: ServerEvent) => void): () => void {
     this.listeners.add(fn);
     return () => this.listeners.delete(fn);
+  }
+
+  /** Hand events committed elsewhere (another server's, through the relay) to the listeners. */
+  publish(events: readonly ServerEvent[]): void {
+    this.emit(events);
   }
 
   private emit(events: readonly ServerEvent[]): void {
@@ -233,11 +261,18 @@ export class Store implements Backend {
     }
   }
 
-  /** A write transaction whose events go out after the commit. */
+  /**
+   * A write transaction whose events go out after the commit: to this store's listeners,
+   * and on PostgreSQL as NOTIFYs (sent on commit) to the other servers' relays.
+   */
   private async write<T>(fn: (q: Sql, events: Events) => Promise<T>): Promise<T> {
     const { out, events } = await this.db.tx(async (q) => {
       const ev: Events = [];
-      return { out: await fn(q, ev), events: ev };
+      const result = await fn(q, ev);
+      if (this.db.dialect === 'postgres') {
+        for (const payload of encodeNotices(this.origin, ev)) await q.one('SELECT pg_notify($1, $2)', [FEED_CHANNEL, payload]);
+      }
+      return { out: result, events: ev };
     });
     this.emit(events);
     return out;
@@ -598,22 +633,37 @@ export class Store implements Backend {
   // -------------------------------------------------------------------------------
   // Agents and claims
 
+  /**
+   * One record per name (a restarted agent keeps its id): a registration of a known name
+   * updates its kind and labels and counts as being seen.
+   */
   async registerAgent(input: { name: string; kind: string; labels: readonly string[] }): Promise<AgentRecord> {
     const now = this.now();
-    const agent: AgentRecord = { id: randomUUID(), name: input.name, kind: input.kind, labels: uniqSorted(input.labels), lastSeen: now };
-    await this.db.run('INSERT INTO agents (id, name, kind, labels, created_at, last_seen) VALUES ($1, $2, $3, $4, $5, $5)', [
-      agent.id,
-      agent.name,
-      agent.kind,
-      JSON.stringify(agent.labels),
-      now,
-    ]);
-    return agent;
+    const r = (await this.db.one(
+      `INSERT INTO agents (id, name, kind, labels, created_at, last_seen) VALUES ($1, $2, $3, $4, $5, $5)
+       ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, labels = excluded.labels, last_seen = excluded.last_seen
+       RETURNING ${AGENT_COLS}`,
+      [randomUUID(), input.name, input.kind, JSON.stringify(uniqSorted(input.labels)), now],
+    )) as Row;
+    return this.toAgent(r, now);
   }
 
-  /** Agents, most recently seen first. */
+  /** Agents, most recently seen first, each with its status as of now. */
   async listAgents(): Promise<AgentRecord[]> {
-    return (await this.db.all('SELECT id, name, kind, labels, last_seen FROM agents ORDER BY last_seen DESC, id')).map(toAgent);
+    const now = this.now();
+    return (await this.db.all(`SELECT ${AGENT_COLS} FROM agents ORDER BY last_seen DESC, id`)).map((r) => this.toAgent(r, now));
+  }
+
+  private toAgent(r: Row, now: number): AgentRecord {
+    const lastSeen = num(r.last_seen);
+    return {
+      id: String(r.id),
+      name: String(r.name),
+      kind: String(r.kind),
+      labels: json<string[]>(r.labels),
+      lastSeen,
+      status: now - lastSeen <= this.agentTimeoutMs ? 'healthy' : 'unhealthy',
+    };
   }
 
   async claimFlowRuns(input: ClaimInput): Promise<ClaimedRun[]> {
@@ -1012,6 +1062,51 @@ export class Store implements Backend {
       ]);
       events.push({ type: 'taskRun', task });
     }
+  }
+
+  // -------------------------------------------------------------------------------
+  // Another server's changes
+
+  /** The events a notice stands for, read back as `notices.ts` describes. */
+  async readNotice(items: readonly NoticeItem[]): Promise<ServerEvent[]> {
+    const ids = { flowRun: [] as string[], taskRun: [] as string[], flow: [] as string[], log: [] as number[] };
+    for (const it of items) {
+      if (it.type === 'log') ids.log.push(it.seq);
+      else ids[it.type].push(it.id);
+    }
+    const read = async <K, V>(keys: readonly K[], sql: (ph: string) => string, key: (v: V) => K, map: (r: Row) => V): Promise<Map<K, V>> => {
+      if (keys.length === 0) return new Map();
+      const rows = await this.db.all(sql(placeholders(1, keys.length)), keys);
+      return new Map(rows.map((r) => map(r)).map((v) => [key(v), v]));
+    };
+    const runs = await read(ids.flowRun, (ph) => `SELECT ${RUN_COLS} FROM flow_runs WHERE id IN (${ph})`, (r) => r.id, toRun);
+    const tasks = await read(ids.taskRun, (ph) => `SELECT ${TASK_COLS} FROM task_runs WHERE id IN (${ph})`, (t) => t.id, toTask);
+    const flows = await read(ids.flow, (ph) => `SELECT ${FLOW_COLS} FROM flows f JOIN projects p ON p.id = f.project_id WHERE f.id IN (${ph})`, (f) => f.id, toFlow);
+    const logs = await read(
+      ids.log,
+      (ph) => `SELECT seq, flow_run_id, task_key, map_index, level, message, at, source FROM logs WHERE seq IN (${ph})`,
+      (l) => l.seq,
+      toLog,
+    );
+    const out: ServerEvent[] = [];
+    for (const it of items) {
+      if (it.type === 'log') {
+        const entry = logs.get(it.seq);
+        if (entry !== undefined) out.push({ type: 'log', entry });
+      } else if (it.type === 'flow') {
+        const flow = flows.get(it.id);
+        if (flow !== undefined) out.push({ type: 'flow', flow });
+      } else if (it.type === 'flowRun') {
+        const current = runs.get(it.id);
+        const run = current === undefined ? null : eventFromRead(it, current);
+        if (run !== null) out.push({ type: 'flowRun', run });
+      } else {
+        const current = tasks.get(it.id);
+        const task = current === undefined ? null : eventFromRead(it, current);
+        if (task !== null) out.push({ type: 'taskRun', task });
+      }
+    }
+    return out;
   }
 
   // -------------------------------------------------------------------------------
