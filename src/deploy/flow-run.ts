@@ -426,16 +426,14 @@ class FlowRunProcess {
   }
 
   /**
-   * The tags of `tagged` that have a limit on the server. A backend that cannot list its
-   * limits (or fails to) counts as limiting every one: call mode is slower, never wrong.
+   * The tags of `tagged` that have a limit on the server. A server that cannot be asked
+   * counts as limiting every one: call mode is slower, never wrong.
    */
   private async limitedTags(tagged: ReadonlyMap<string, readonly string[]>): Promise<string[]> {
     const tags = new Set<string>();
     for (const ts of tagged.values()) for (const t of ts) tags.add(t);
-    const lister = (this.backend as Partial<ListsLimits>).listConcurrencyLimits;
-    if (typeof lister !== 'function') return [...tags].sort();
     try {
-      const limits = await lister.call(this.backend);
+      const limits = await this.backend.listConcurrencyLimits();
       return [...new Set(limits.filter((l) => l.kind === 'tag' && tags.has(l.name)).map((l) => l.name))].sort();
     } catch (err) {
       this.say('warn', `cannot read the server's concurrency limits (treating every task tag as limited): ${describe(err)}`);
@@ -484,11 +482,6 @@ class FlowRunProcess {
       }
     }
   }
-}
-
-/** What the server's Store and its HTTP client answer (not part of `Backend`). */
-interface ListsLimits {
-  listConcurrencyLimits(): Promise<readonly { readonly kind: string; readonly name: string; readonly limit: number }[]>;
 }
 
 /** The runner's `runId` for a server flow-run id (ids are UUIDs; anything else is made path-safe). */

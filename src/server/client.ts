@@ -15,6 +15,7 @@ import WebSocket from 'ws';
 import {
   BackendError,
   type AgentRecord,
+  type ConcurrencyLimit,
   type Backend,
   type ClaimedRun,
   type ClaimInput,
@@ -224,7 +225,7 @@ export class BackendClient implements Backend {
   }
 
   /** Every limit with how much of it is in use (not part of `Backend`). */
-  listConcurrencyLimits(): Promise<{ kind: 'tag' | 'label'; name: string; limit: number; used: number }[]> {
+  listConcurrencyLimits(): Promise<ConcurrencyLimit[]> {
     return this.json('GET', '/api/concurrency-limits');
   }
 

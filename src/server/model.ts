@@ -224,6 +224,14 @@ export interface StoredLogEntry extends LogEntry {
 export type AgentStatus = 'healthy' | 'unhealthy';
 
 /** One record per agent name: a restarted agent registers again and keeps its id. */
+/** A concurrency limit (`setConcurrencyLimit`) and how many of its slots are taken now. */
+export interface ConcurrencyLimit {
+  readonly kind: 'tag' | 'label';
+  readonly name: string;
+  readonly limit: number;
+  readonly used: number;
+}
+
 export interface AgentRecord {
   readonly id: string;
   readonly name: string;
@@ -293,6 +301,8 @@ export interface Backend {
 
   /** Concurrency limits held by the server across machines: by task tag and by flow-run label. */
   setConcurrencyLimit(kind: 'tag' | 'label', name: string, limit: number | null): Promise<void>;
+  /** Every limit with the slots in use now. */
+  listConcurrencyLimits(): Promise<ConcurrencyLimit[]>;
   /**
    * Take a slot of every limited tag in `tags` for one task run of `flowRunId`, or none
    * (false: try again later). `releaseTaskSlots` gives them back.

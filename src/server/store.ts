@@ -35,6 +35,7 @@ import {
   BackendError,
   FINAL_FLOW_RUN_STATES,
   type AgentRecord,
+  type ConcurrencyLimit,
   type Backend,
   type ClaimedRun,
   type ClaimInput,
@@ -869,7 +870,7 @@ export class Store implements Backend {
     );
   }
 
-  async listConcurrencyLimits(): Promise<{ kind: 'tag' | 'label'; name: string; limit: number; used: number }[]> {
+  async listConcurrencyLimits(): Promise<ConcurrencyLimit[]> {
     return this.db.tx(async (q) => {
       const tagUse = new Map((await q.all('SELECT tag, COUNT(*) AS n FROM task_slots GROUP BY tag')).map((r) => [String(r.tag), num(r.n)]));
       const labelUse = new Map(
