@@ -16,6 +16,7 @@ import type { AgentKind } from '../agent/agent.ts';
 import { describe } from '../agent/errors.ts';
 import { formatFlags, parseArgs, UsageError, type FlagSpec, type FlagValue } from './args.ts';
 import type { CliIO } from './main.ts';
+import { untilSignal } from './serving.ts';
 
 const FLAGS: readonly FlagSpec[] = [
   { name: 'server', kind: 'string', value: 'URL', help: 'the weft server (default $WEFT_SERVER, else http://127.0.0.1:4200)' },
@@ -176,15 +177,7 @@ async function agent(args: readonly string[], io: CliIO): Promise<number> {
   }
   const health = agent.healthUrl !== null ? ` health ${agent.healthUrl}` : '';
   io.stdout.write(`weft agent ${agent.name} (${agent.kind}) polling ${server} with labels [${agent.labels.join(', ')}]${health}\n`);
-  await new Promise<void>((done) => {
-    const stop = (): void => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      done();
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
+  await untilSignal();
   await agent.stop({ stopRuns: flags['stop-runs'] === true });
   return 0;
 }
