@@ -7,6 +7,7 @@
  *   weft bench --micro | --shape core [--n N] [--runs R] [--quick] [--json OUT]
  *   weft bench --shape latency [--n RUNS] [--executor cluster-warm|...|all] [--json OUT]
  *   weft bench --shape scheduler [--n TASKS] [--sim-workers N] [--credits N] [--runs R] [--json OUT]
+ *   weft bench --deploy | --shape deploy [--n RUNS] [--runs R] [--drain-runs R] [--max-runs N] [--poll-ms MS] [--db URL] [--cpu-prof DIR] [--quick] [--json OUT]
  *
  * Returns the exit code: 0 all benchmarks ran, 1 a run failed (or the runner could not
  * be loaded), 2 a usage problem. Everything heavy lives in `bench/`; this file parses
@@ -33,6 +34,7 @@ import {
   type RunFlowFn,
   type ShapeResult,
 } from '../../bench/harness.ts';
+import { DEPLOY_DEFAULTS, DEPLOY_QUICK } from '../../bench/deploy/options.ts';
 import { defaultWorkflowDir, DEFAULT_SCALING, parseDurationS, parsePriority, workflowFiles, type Scaling } from '../../bench/replay.ts';
 import {
   baselineTable,
@@ -79,6 +81,8 @@ const DEFAULT_SIM_CREDITS = 2;
 const SIM_RAISED_CREDITS = 2048;
 /** Cluster modes: the special shapes (not graph shapes). */
 const CLUSTER_MODES = ['latency', 'scheduler'] as const;
+/** Flags of `--shape deploy` only. */
+const DEPLOY_FLAGS = ['db', 'poll-ms', 'max-runs', 'drain-runs', 'cpu-prof'] as const;
 
 function flags(): FlagSpec[] {
   return [
@@ -86,11 +90,12 @@ function flags(): FlagSpec[] {
       name: 'shape',
       short: 's',
       kind: 'string',
-      choices: [...SHAPES, 'all', 'core', ...CLUSTER_MODES],
-      help: 'graph shape (default: all); core = --micro; latency = one-task runs; scheduler = the cluster scheduler with simulated workers',
+      choices: [...SHAPES, 'all', 'core', ...CLUSTER_MODES, 'deploy'],
+      help: 'graph shape (default: all); core = --micro; latency = one-task runs; scheduler = the cluster scheduler with simulated workers; deploy = --deploy',
     },
     { name: 'micro', kind: 'boolean', help: 'scheduler core micro-benchmarks only (no executor, no baselines)' },
-    { name: 'quick', kind: 'boolean', help: '--micro: a short benchmark.js suite (a smoke run)' },
+    { name: 'deploy', kind: 'boolean', help: 'the deployment path: server, LocalAgent and flow-run processes (floors, claims/s, one run end to end, drains)' },
+    { name: 'quick', kind: 'boolean', help: '--micro: a short benchmark.js suite; --deploy: a smoke run (2 runs, drains of 4)' },
     { name: 'n', short: 'n', kind: 'string', value: 'N', help: 'size: tasks, chain length or leaves; 10k and 1M work (default per shape)' },
     { name: 'executor', short: 'e', kind: 'string', choices: [...executorNames(), 'all'], help: `executor (default: all = ${DEFAULT_EXECUTORS.join(', ')})` },
     { name: 'workers', short: 'w', kind: 'count', value: 'N', help: `threads for pool and for the threaded baselines (default ${DEFAULT_WORKERS})` },
@@ -105,6 +110,11 @@ function flags(): FlagSpec[] {
     { name: 'priority', kind: 'string', choices: ['critical-path', 'none'], help: 'replay: ready-task priorities from the trace\'s critical-path ranks (default) or none' },
     { name: 'sim-workers', kind: 'count', value: 'N', help: `--shape scheduler: simulated workers (default ${DEFAULT_SIM_WORKERS})` },
     { name: 'credits', kind: 'count', value: 'N', help: `--shape scheduler: fixed credits per simulated worker (default: ${DEFAULT_SIM_CREDITS}, raised to ${SIM_RAISED_CREDITS} after the first compute, as real workers do for short tasks)` },
+    { name: 'db', kind: 'string', value: 'URL', help: '--deploy: the server\'s database, sqlite:PATH or postgres://... (default: a SQLite file in a temp directory)' },
+    { name: 'poll-ms', kind: 'count', value: 'MS', help: `--deploy: the agents' poll interval when idle (default ${DEPLOY_DEFAULTS.pollMs})` },
+    { name: 'max-runs', kind: 'count', value: 'N', help: `--deploy: flow-run processes per agent at once (default ${DEPLOY_DEFAULTS.maxRuns})` },
+    { name: 'drain-runs', kind: 'count', value: 'R', help: `--deploy: timed drains per agent count (default ${DEPLOY_DEFAULTS.drainRuns}; --quick: --runs)` },
+    { name: 'cpu-prof', kind: 'string', value: 'DIR', help: '--deploy: profile the one-run flow-run processes (node --cpu-prof) into DIR and print where their time goes' },
     { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
   ];
 }
@@ -116,6 +126,7 @@ function usage(): string {
   weft bench --micro [--n N] [--runs R] [--quick] [--json OUT]
   weft bench --shape latency [--n RUNS] [--executor E|all] [--workers N] [--json OUT]
   weft bench --shape scheduler [--n TASKS] [--sim-workers N] [--credits N] [--runs R] [--json OUT]
+  weft bench --deploy [--n RUNS] [--runs R] [--drain-runs R] [--max-runs N] [--poll-ms MS] [--db URL] [--cpu-prof DIR] [--quick] [--json OUT]
 
 Shapes (each node explicit, no mapping):
   independent  n no-op tasks                    chain      n no-op tasks, each on the previous
@@ -154,6 +165,18 @@ and back: a one-task cluster run's four hops with no work at each). --runs does 
 scheduler's process, end-to-end time, scheduler heap per task; JSON rows go under
 "latency" / "scheduler".
 
+--deploy (or --shape deploy): the deployment path through a weft server (127.0.0.1,
+a temp SQLite file or --db), LocalAgents and \`weft execute flow-run\` processes, with a
+one-task no-op flow registered with local storage. Floors: an HTTP GET and a
+create-run POST round trip (--runs x ${DEPLOY_DEFAULTS.httpN} each), \`node -e 0\` and
+\`weft --version\` spawn -> exit; claims/s of one agent claiming ${DEPLOY_DEFAULTS.claimN} due runs in
+batches of 1 and 10 (no process); one run at a time through a LocalAgent polling every
+--poll-ms: created -> Submitted / spawned / Running / Success / process exited (server
+history and agent times), ratio to the \`weft --version\` floor; drains: --n runs (default
+${DEPLOY_DEFAULTS.drainN}) created first, then 1 and 2 agents of --max-runs processes each: wall time
+to the last Success, runs/s. Medians of --runs (default ${DEFAULT_RUNS}) after a warm-up, p90
+over every item; drains: --drain-runs (default ${DEPLOY_DEFAULTS.drainRuns}) each. JSON rows go under "deploy".
+
 Options:
 ${formatFlags(flags())}
 
@@ -164,7 +187,9 @@ Examples:
   weft bench --micro --runs 7 --json bench/results/core.json
   weft bench --shape independent --n 100k --executor cluster-warm --workers 2
   weft bench --shape latency --executor cluster-warm --n 500
-  weft bench --shape scheduler --n 200k --sim-workers 500 --runs 3`;
+  weft bench --shape scheduler --n 200k --sim-workers 500 --runs 3
+  weft bench --deploy --json bench/results/deploy.json
+  weft bench --deploy --quick --cpu-prof /tmp/weft-prof`;
 }
 
 function stringFlag(f: Readonly<Record<string, unknown>>, name: string): string | undefined {
@@ -274,7 +299,14 @@ async function shapeMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pro
     if (shapeRaw !== undefined && shapeRaw !== 'core') throw new UsageError(`--micro runs the core suites only; drop --shape ${shapeRaw}`);
     return microMode(f, io);
   }
-  if (f.quick === true) throw new UsageError('--quick applies to --micro only');
+  if (f.deploy === true || shapeRaw === 'deploy') {
+    if (shapeRaw !== undefined && shapeRaw !== 'deploy') throw new UsageError(`--deploy runs the deployment suite only; drop --shape ${shapeRaw}`);
+    return deployMode(f, io);
+  }
+  if (f.quick === true) throw new UsageError('--quick applies to --micro only (and --deploy)');
+  for (const deployOnly of DEPLOY_FLAGS) {
+    if (f[deployOnly] !== undefined) throw new UsageError(`--${deployOnly} applies to --deploy only`);
+  }
   if (shapeRaw === 'latency') return latencyMode(f, io);
   if (shapeRaw === 'scheduler') return schedulerMode(f, io);
   for (const simOnly of ['sim-workers', 'credits']) {
@@ -472,7 +504,7 @@ function replayFiles(graph: string, cwd: string): string[] {
 }
 
 async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
-  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only', 'micro', 'quick']) {
+  for (const shapeOnly of ['shape', 'n', 'payload', 'baseline-n', 'baselines-only', 'micro', 'quick', 'deploy', ...DEPLOY_FLAGS]) {
     if (f[shapeOnly] !== undefined) throw new UsageError(`--${shapeOnly} does not apply to --graph`);
   }
   const priority = parsePriority(stringFlag(f, 'priority') ?? 'critical-path');
@@ -511,4 +543,62 @@ async function replayMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pr
     io.stderr.write(`wrote ${path}\n`);
   }
   return failed ? EXIT_FAILED : EXIT_OK;
+}
+
+/**
+ * `--deploy` (`--shape deploy`): the deployment path (bench/deploy/harness.ts
+ * `benchDeploy`): floors, claims/s, one run end to end, drains.
+ */
+async function deployMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Promise<number> {
+  for (const other of ['payload', 'baseline-n', 'baselines-only', 'executor', 'workers', 'sim-workers', 'credits', 'micro']) {
+    if (f[other] !== undefined) throw new UsageError(`--${other} does not apply to --deploy`);
+  }
+  const quick = f.quick === true;
+  const nRaw = stringFlag(f, 'n');
+  const drainN = nRaw === undefined ? (quick ? DEPLOY_QUICK.drainN : DEPLOY_DEFAULTS.drainN) : asUsage('n', () => parseCount(nRaw));
+  const runs = numberFlag(f, 'runs') ?? (quick ? DEPLOY_QUICK.runs : DEFAULT_RUNS);
+  // A drain of 50 runs is 50 process starts: one per agent count keeps the default under ~2 minutes.
+  const drainRuns = numberFlag(f, 'drain-runs') ?? (quick ? runs : DEPLOY_DEFAULTS.drainRuns);
+  const db = stringFlag(f, 'db');
+  if (db !== undefined && !db.startsWith('sqlite:') && !/^postgres(ql)?:\/\//.test(db)) throw new UsageError(`--db must be sqlite:PATH or postgres://..., got '${db}'`);
+  const cpuProf = stringFlag(f, 'cpu-prof');
+  const cpuProfDir = cpuProf === undefined ? undefined : resolve(io.cwd, cpuProf);
+  if (cpuProfDir !== undefined) await mkdir(cpuProfDir, { recursive: true });
+  const { benchDeploy } = await import('../../bench/deploy/harness.ts');
+  const { deployTable, DEPLOY_NOTES } = await import('../../bench/deploy/report.ts');
+  const log = (line: string): void => {
+    io.stderr.write(`${line}\n`);
+  };
+  let result;
+  try {
+    result = await benchDeploy({
+      ...DEPLOY_DEFAULTS,
+      ...(quick ? { httpN: DEPLOY_QUICK.httpN, claimN: DEPLOY_QUICK.claimN } : {}),
+      runs,
+      drainRuns,
+      drainN,
+      maxRuns: numberFlag(f, 'max-runs') ?? DEPLOY_DEFAULTS.maxRuns,
+      pollMs: numberFlag(f, 'poll-ms') ?? DEPLOY_DEFAULTS.pollMs,
+      ...(db !== undefined ? { db } : {}),
+      ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
+      log,
+    });
+  } catch (err) {
+    io.stderr.write(`weft bench: deploy bench failed: ${errorText(err)}\n`);
+    return EXIT_FAILED;
+  }
+  const s = result.settings;
+  io.stdout.write(
+    `\nDeployment path (${s.db}; agents poll every ${s.poll_ms} ms, ${s.max_runs} flow-run processes each; median of ${runs} runs after a warm-up, drains ${s.drain_runs} each)\n` +
+      `${deployTable(result.rows)}\n\n${DEPLOY_NOTES}\n`,
+  );
+  let profile: unknown;
+  if (cpuProfDir !== undefined) {
+    const { summarizeProfiles, profileTable } = await import('../../bench/deploy/profile.ts');
+    const summary = summarizeProfiles(cpuProfDir);
+    profile = summary;
+    io.stdout.write(`\nCPU profiles of the one-run flow-run processes (${cpuProfDir}; their rows above include the profiler)\n${profileTable(summary)}\n`);
+  }
+  await writeModeJson(io, f, [], runs, { deploy: result.rows, deploy_settings: s, ...(profile !== undefined ? { deploy_profile: profile } : {}) });
+  return EXIT_OK;
 }
