@@ -36,4 +36,4 @@ export type {
 export type { Executor } from './executor/types.ts';
 export { LocalExecutor, PoolExecutor, ClusterExecutor, type ClusterExecutorOptions } from './executor/index.ts';
 export { LocalCluster, type LocalClusterOptions, type ClusterStatus } from './cluster/local-cluster.ts';
-export { ClusterConnectionError } from './cluster/client.ts';
+export { ClusterConnectionError } from './cluster/errors.ts';

@@ -23,13 +23,16 @@
  */
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
-import { registerErrorClass, TaskSerializationError, WeftError, type SerializedError } from '../errors.ts';
+import { TaskSerializationError, WeftError, type SerializedError } from '../errors.ts';
 import { loadTasks } from '../executor/pool-tasks.ts';
 import type { ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { GraphSpec, NodeSpec, StateHandlerFn, TaskStateName } from '../flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 import { buildBundle, type Bundle } from './bundle.ts';
 import { Connection, HandshakeError, openHandshake } from './connection.ts';
+import { ClusterConnectionError, logToStderr } from './errors.ts';
+
+export { ClusterConnectionError, logToStderr };
 import {
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
@@ -90,25 +93,6 @@ export interface ClusterClientOptions {
   readonly onLost?: (error: ClusterConnectionError) => void;
 }
 
-/** The scheduler could not be reached, refused us, or the connection to it was lost. */
-export class ClusterConnectionError extends WeftError {
-  constructor(
-    code: 'SCHEDULER_UNREACHABLE' | 'SCHEDULER_LOST',
-    message: string,
-    readonly address = '',
-    options?: { cause?: unknown },
-  ) {
-    super(code, message, options);
-    this.name = 'ClusterConnectionError';
-  }
-}
-registerErrorClass('ClusterConnectionError', ClusterConnectionError);
-
-/** Writes a worker log record as a `[worker task-key] msg` line on stderr. */
-export function logToStderr(r: LogRecord): void {
-  const who = [r.worker ?? 'scheduler', r.key].filter((s) => s !== undefined && s !== '').join(' ');
-  process.stderr.write(`[${who}] ${r.msg}${r.msg.endsWith('\n') ? '' : '\n'}`);
-}
 
 let clients = 0;
 

@@ -19,7 +19,9 @@
  *   again. With `keepAlive` (a warm cluster) both stay up until `close()`.
  * - A running cluster given by `address` is never stopped by this executor.
  */
-import { ClusterClient, ClusterConnectionError, logToStderr, type CallSession, type ClientTlsOptions } from '../cluster/client.ts';
+// The client (ws, the wire protocol) is loaded when a run first connects, not with weft.
+import type { CallSession, ClientTlsOptions, ClusterClient } from '../cluster/client.ts';
+import { ClusterConnectionError, logToStderr } from '../cluster/errors.ts';
 import { fetchStatus, httpUrlOf, LocalCluster } from '../cluster/local-cluster.ts';
 import type { LogRecord } from '../cluster/protocol.ts';
 import { loadTasks } from './pool-tasks.ts';
@@ -271,6 +273,7 @@ export class ClusterExecutor implements Executor {
         }
         address = this.cluster.address;
       }
+      const { ClusterClient } = await import('../cluster/client.ts');
       const client = await ClusterClient.connect({
         address,
         ...(o.token !== undefined ? { token: o.token } : {}),

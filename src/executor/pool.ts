@@ -42,8 +42,9 @@
  *   run's modules (an import already done costs nothing) and check its task keys. The
  *   task table and the duration estimates carry over. `close()` ends everything.
  */
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import { Piscina } from 'piscina';
+import type { Piscina } from 'piscina';
 import {
   CancelledError,
   TaskSerializationError,
@@ -68,6 +69,13 @@ import {
   type SessionMsg,
 } from './pool-protocol.ts';
 import { BOOTSTRAP, ProcessLink, ThreadLink, type WorkerEvents, type WorkerLink } from './pool-transport.ts';
+
+/**
+ * piscina, loaded by the first thread pool rather than with weft (every flow module, in
+ * every worker too, imports weft; most never start a pool of their own).
+ */
+let piscina: typeof Piscina | null = null;
+const piscinaClass = (): typeof Piscina => (piscina ??= (createRequire(import.meta.url)('piscina') as typeof import('piscina')).Piscina);
 
 /** A batch (and a worker's queue) holds about this much estimated work (ms). */
 const TARGET_BATCH_MS = 1;
@@ -244,6 +252,7 @@ export class PoolExecutor implements Executor {
   }
 
   private makePiscina(): Piscina {
+    const Piscina = piscinaClass();
     const options = {
       filename: BOOTSTRAP,
       minThreads: this.workers,

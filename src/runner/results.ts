@@ -6,7 +6,7 @@
  */
 import { mkdirSync, readFileSync, renameSync, writeFileSync, existsSync } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
-import { pack, unpack } from 'msgpackr';
+import { createRequire } from 'node:module';
 import type { NodeSpec, ResultSpec, TaskOptions } from '../flow/spec.ts';
 
 export interface TemplateVars {
@@ -50,14 +50,18 @@ export function resolvePath(resultDir: string, location: string): string {
   return isAbsolute(location) ? location : join(resultDir, location);
 }
 
+/** msgpackr, loaded by the first msgpack result rather than with every flow module. */
+let msgpackr: typeof import('msgpackr') | null = null;
+const codec = (): typeof import('msgpackr') => (msgpackr ??= createRequire(import.meta.url)('msgpackr') as typeof import('msgpackr'));
+
 export function serialize(value: unknown, spec: ResultSpec | null): Buffer {
-  if (spec?.serializer === 'msgpack') return pack(value);
+  if (spec?.serializer === 'msgpack') return codec().pack(value);
   const text = JSON.stringify(value === undefined ? null : value);
   return Buffer.from(text, 'utf8');
 }
 
 export function deserialize(buf: Buffer, spec: ResultSpec | null): unknown {
-  if (spec?.serializer === 'msgpack') return unpack(buf);
+  if (spec?.serializer === 'msgpack') return codec().unpack(buf);
   return JSON.parse(buf.toString('utf8')) as unknown;
 }
 

@@ -11,7 +11,6 @@
  * `subscribe` opens the live feed (`/api/events`) and hands each `ServerEvent` to a
  * callback until the returned function closes it.
  */
-import WebSocket from 'ws';
 import {
   BackendError,
   type AgentRecord,
@@ -244,10 +243,12 @@ export class BackendClient implements Backend {
    * Open the live feed; resolves once it is connected (events from then on reach
    * `onEvent`) with a function that closes it. Rejects when the server refuses it.
    */
-  subscribe(onEvent: (e: ServerEvent) => void, opts: SubscribeOptions = {}): Promise<() => void> {
+  async subscribe(onEvent: (e: ServerEvent) => void, opts: SubscribeOptions = {}): Promise<() => void> {
     const url = new URL(`${this.url}/api/events`);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     if (opts.flowRun !== undefined) url.searchParams.set('flowRun', opts.flowRun);
+    // ws is loaded by the first feed, not by every process that talks to the server.
+    const { default: WebSocket } = await import('ws');
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(url, { headers: this.headers() });
       let open = false;
