@@ -35,6 +35,12 @@ function h(tag, props, ...children) {
   return el;
 }
 
+/** One row per item in `tbody` (`rowOf`), or one row saying `empty` across `colspan` cells. */
+function fillRows(tbody, items, colspan, empty, rowOf) {
+  if (items.length === 0) tbody.replaceChildren(h('tr', { class: 'empty' }, h('td', { colspan }, empty)));
+  else tbody.replaceChildren(...items.map(rowOf));
+}
+
 const stateBadge = (state) => h('span', { class: `state state-${state}`, 'data-state': state }, state);
 const runHref = (id) => `#/runs/${encodeURIComponent(id)}`;
 const pad = (n) => String(n).padStart(2, '0');
@@ -308,12 +314,7 @@ function runsView(params) {
   const render = () => {
     const rows = [...runs.values()].sort((a, b) => b.scheduledStart - a.scheduledStart || (a.id < b.id ? -1 : 1)).slice(0, RUNS_SHOWN);
     count.textContent = `${rows.length}${runs.size > rows.length ? '+' : ''} run${rows.length === 1 ? '' : 's'}`;
-    if (rows.length === 0) {
-      tbody.replaceChildren(h('tr', { class: 'empty' }, h('td', { colspan: 7 }, 'No flow runs')));
-      return;
-    }
-    tbody.replaceChildren(
-      ...rows.map((r) =>
+    fillRows(tbody, rows, 7, 'No flow runs', (r) =>
         h(
           'tr',
           { 'data-run': r.id },
@@ -325,7 +326,6 @@ function runsView(params) {
           durationCell(r.startedAt, r.endedAt),
           h('td', { class: 'msg' }, r.message ?? ''),
         ),
-      ),
     );
   };
   const rerender = batched(render);
@@ -498,12 +498,7 @@ function runView(id) {
     const rows = [...tasks.values()].sort(
       (a, b) => (a.startedAt ?? Infinity) - (b.startedAt ?? Infinity) || (a.key < b.key ? -1 : a.key > b.key ? 1 : a.mapIndex - b.mapIndex),
     );
-    if (rows.length === 0) {
-      taskBody.replaceChildren(h('tr', { class: 'empty' }, h('td', { colspan: 6 }, 'No task runs yet')));
-      return;
-    }
-    taskBody.replaceChildren(
-      ...rows.map((t) =>
+    fillRows(taskBody, rows, 6, 'No task runs yet', (t) =>
         h(
           'tr',
           { 'data-task': t.key },
@@ -514,7 +509,6 @@ function runView(id) {
           durationCell(t.startedAt, t.endedAt),
           h('td', { class: 'msg' }, t.message ?? ''),
         ),
-      ),
     );
   };
   const rerenderTasks = batched(renderTasks);
@@ -635,12 +629,7 @@ function flowsView(params) {
 
   const render = () => {
     const rows = [...flows.values()].sort((a, b) => (a.project === b.project ? (a.name < b.name ? -1 : 1) : a.project < b.project ? -1 : 1));
-    if (rows.length === 0) {
-      tbody.replaceChildren(h('tr', { class: 'empty' }, h('td', { colspan: 6 }, 'No flows registered')));
-      return;
-    }
-    tbody.replaceChildren(
-      ...rows.map((f) => {
+    fillRows(tbody, rows, 6, 'No flows registered', (f) => {
         const run = h('button', { type: 'button', class: 'run-flow', onclick: () => void startRun(f, run) }, 'Run');
         const hasClocks = f.schedule !== null && f.schedule.clocks.length > 0;
         const paused = f.schedule?.paused === true;
@@ -655,8 +644,7 @@ function flowsView(params) {
           h('td', { class: 'num' }, fmtTime(f.updatedAt)),
           h('td', null, run, ' ', toggle),
         );
-      }),
-    );
+    });
   };
   const rerender = batched(render);
   const matches = (f) => project === '' || f.project === project;
@@ -710,12 +698,7 @@ function agentsView() {
     async load() {
       try {
         const list = await api('GET', '/api/agents');
-        if (list.length === 0) {
-          tbody.replaceChildren(h('tr', { class: 'empty' }, h('td', { colspan: 5 }, 'No agents have registered')));
-          return;
-        }
-        tbody.replaceChildren(
-          ...list.map((a) =>
+        fillRows(tbody, list, 5, 'No agents have registered', (a) =>
             h(
               'tr',
               { 'data-agent': a.id },
@@ -725,7 +708,6 @@ function agentsView() {
               h('td', { class: 'num', 'data-ago': a.lastSeen, title: fmtTime(a.lastSeen) }, `${fmtDuration(Date.now() - a.lastSeen)} ago`),
               h('td', null, h('span', { class: `state state-${a.status === 'healthy' ? 'Success' : 'Failed'}` }, a.status)),
             ),
-          ),
         );
       } catch (err) {
         reportError(err);
