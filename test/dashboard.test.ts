@@ -1,7 +1,8 @@
 /**
  * The dashboard in a real browser (headless Chromium through playwright-core) against a
  * real `weft server` on a temp SQLite file: the runs table and its live updates, a run's
- * page (task runs, logs, Cancel), the flows and agents pages, text that must stay text,
+ * page (task runs, logs, Cancel), the flows and agents pages, the Run form with its
+ * parameters, text that must stay text,
  * the feed coming back after a server restart, and the token form.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -200,7 +201,11 @@ describe('the dashboard', () => {
     const flowRow = `#flows-table tr[data-flow="${v.flowId}"]`;
     await page.waitForSelector(flowRow);
     expect(await text(page, `${flowRow} td.name`)).toBe('deploy-trivial');
+    // Run opens the form; submitted as prefilled, the run takes the version's defaults.
     await page.click(`${flowRow} button.run-flow`);
+    await page.waitForSelector('#run-form [data-param="i"] input');
+    expect(await page.inputValue('#run-form [data-param="i"] input')).toBe('0');
+    await page.click('#run-submit');
     await page.waitForFunction((old) => /^#\/runs\/[^/]+$/.test(location.hash) && location.hash !== old, `#/runs/${run.id}`);
     const created = decodeURIComponent(new URL(page.url()).hash.slice('#/runs/'.length));
     const onServer = await s.getFlowRun(created);
@@ -234,6 +239,83 @@ describe('the dashboard', () => {
     expect(cells.slice(0, 3)).toEqual(['agent-dash', 'docker', 'etl, gpu']);
     expect(cells[3]).toMatch(/ago$/);
     expect(cells[4]).toBe('healthy');
+    expect(problems).toEqual([]);
+    await page.context().close();
+  });
+
+  it('Run asks for the parameters: required ones marked and checked before sending, a 400 kept in the form, the run made with exactly the values given', async () => {
+    const s = open.store;
+    const { flow } = await s.registerFlow({
+      project: 'params',
+      name: 'report',
+      graph: null,
+      storage: { kind: 'module', specifier: './report.ts', flow: 'report' },
+      runConfig: { kind: 'universal' },
+      executor: { kind: 'local' },
+      parameters: [
+        { name: 'target', required: true },
+        { name: 'rows', required: false, default: 3 },
+        { name: 'note', required: false, default: XSS },
+      ],
+      labels: ['base'],
+    });
+    const runsOfFlow = async (): Promise<unknown[]> => (await (await fetch(`${open.url}/api/flow-runs?flowId=${flow.id}`)).json()) as unknown[];
+    const { page, problems } = await newPage();
+    let posts = 0;
+    page.on('request', (r) => {
+      if (r.method() === 'POST' && new URL(r.url()).pathname === '/api/flow-runs') posts++;
+    });
+    await page.goto(`${open.url}/ui/#/flows?project=params`);
+    await page.click(`#flows-table tr[data-flow="${flow.id}"] button.run-flow`);
+    const target = '#run-form [data-param="target"]';
+    await page.waitForSelector(`${target} input`);
+
+    // Prefilled with the defaults as JSON; only the required one is marked.
+    expect(await text(page, `${target} label`)).toBe('target required');
+    expect(await page.locator(`${target} input[required]`).count()).toBe(1);
+    expect(await page.locator('#run-form .req').count()).toBe(1);
+    expect(await page.inputValue(`${target} input`)).toBe('');
+    expect(await page.inputValue('#run-form [data-param="rows"] input')).toBe('3');
+    expect(await page.inputValue('#run-form [data-param="note"] input')).toBe(JSON.stringify(XSS));
+    expect(await text(page, '#run-form .hint')).toMatch(/JSON/);
+
+    // Empty, then not JSON: said next to the field, and nothing is sent.
+    await page.click('#run-submit');
+    await page.waitForSelector(`${target} .field-error:not([hidden])`);
+    expect(await text(page, `${target} .field-error`)).toMatch(/^Required/);
+    await page.fill(`${target} input`, XSS);
+    await page.click('#run-submit');
+    await vi.waitFor(async () => expect(await text(page, `${target} .field-error`)).toMatch(/^Not valid JSON/), until);
+    expect(await page.locator('#run-form [data-param="rows"] .field-error').isHidden()).toBe(true);
+    expect(posts).toBe(0);
+    expect(await runsOfFlow()).toEqual([]);
+
+    // What the server still refuses (a label over its length limit) is shown in the form.
+    const value = { who: XSS, ids: [1, 2] };
+    await page.fill(`${target} input`, JSON.stringify(value));
+    await page.fill('#run-labels', `gpu, ${'x'.repeat(1001)}`);
+    await page.click('#run-submit');
+    await page.waitForSelector('#run-form-error:not([hidden])');
+    expect(await text(page, '#run-form-error')).toMatch(/labels/);
+    expect(await page.locator(`${target} .field-error`).isHidden()).toBe(true);
+    expect(posts).toBe(1);
+    expect(await runsOfFlow()).toEqual([]);
+
+    // Fixed: a run with exactly the values given (defaults left to the flow), and its page.
+    await page.fill('#run-labels', 'gpu, nightly,');
+    await page.click('#run-submit');
+    await page.waitForFunction(() => /^#\/runs\/[^/]+$/.test(location.hash));
+    const id = decodeURIComponent(new URL(page.url()).hash.slice('#/runs/'.length));
+    const made = await s.getFlowRun(id);
+    expect(made).toMatchObject({ flowId: flow.id, state: 'Scheduled' });
+    expect(made.parameters).toEqual({ target: value });
+    expect([...made.labels].sort()).toEqual(['base', 'gpu', 'nightly']);
+    expect(await runsOfFlow()).toHaveLength(1);
+    await vi.waitFor(async () => expect(await text(page, '#run-facts .state')).toBe('Scheduled'), until);
+    expect(JSON.parse(await text(page, '#run-parameters'))).toEqual({ target: value });
+    expect(await text(page, '#run-parameters')).toContain(XSS.replaceAll('"', '\\"'));
+    expect(await page.locator('img, main script').count()).toBe(0);
+    expect(await page.evaluate(() => window.__xss)).toBeUndefined();
     expect(problems).toEqual([]);
     await page.context().close();
   });

@@ -2,7 +2,7 @@
 //
 //   #/runs?state=Running&project=etl&flow=ID   flow runs, newest first, live
 //   #/runs/ID                                  one run: facts, parameters, history, task runs, logs (live)
-//   #/flows?project=etl                        flows, with Run and schedule pause/resume
+//   #/flows?project=etl                        flows, with Run (a form: parameters, labels) and schedule pause/resume
 //   #/agents                                   agents the server has seen
 //
 // Data comes from the JSON API with `Authorization: Bearer <token>` when the server asks
@@ -584,6 +584,170 @@ function describeSchedule(s) {
   return s.paused === true ? `${clocks} (paused)` : clocks;
 }
 
+/**
+ * The form "Run" opens on the flows page: one field per parameter of the flow's newest
+ * version, prefilled with its default as JSON, and extra labels. Values are strict JSON
+ * (a string needs its double quotes): a bare-string fallback would make `true` and `tru`
+ * different types, so a typo could change what the flow receives without a word. A field
+ * left empty, or at its default, is not sent: the flow's default applies, as with a run
+ * made without parameters, and the run records only what was chosen. Everything is
+ * checked here before a request is made; what the server still refuses (a 400) is shown
+ * in the form, with the values kept.
+ */
+function runFormPanel() {
+  const el = h('form', { id: 'run-form', class: 'panel', novalidate: true, hidden: true });
+  /** Opens started: a version read that a later open overtook is dropped. */
+  let opens = 0;
+
+  const close = () => {
+    opens++;
+    el.hidden = true;
+    el.removeAttribute('data-flow');
+    el.replaceChildren();
+  };
+  el.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Escape') close();
+  });
+
+  const formError = h('div', { class: 'form-error', id: 'run-form-error', role: 'alert', hidden: true });
+  const say = (err) => {
+    if (err === null) {
+      formError.hidden = true;
+      formError.textContent = '';
+      return;
+    }
+    formError.textContent =
+      err instanceof TypeError ? `Cannot reach the weft server (${err.message}).` : err instanceof Error ? err.message : String(err);
+    formError.hidden = false;
+  };
+
+  /** One parameter's field: { p, input, check() → [ok, value | undefined] }. */
+  const field = (p, i) => {
+    const id = `run-param-${i}`;
+    const input = h('input', {
+      id,
+      type: 'text',
+      class: 'json',
+      spellcheck: 'false',
+      autocomplete: 'off',
+      required: p.required,
+      'aria-describedby': `${id}-error`,
+    });
+    input.value = p.default === undefined ? '' : JSON.stringify(p.default);
+    const problem = h('span', { class: 'field-error', id: `${id}-error`, hidden: true });
+    const row = h(
+      'div',
+      { class: 'field', 'data-param': p.name },
+      h('label', { for: id }, h('code', null, p.name), p.required ? h('span', { class: 'req' }, ' required') : h('span', { class: 'muted' }, ' optional')),
+      input,
+      problem,
+    );
+    const wrong = (msg) => {
+      problem.textContent = msg;
+      problem.hidden = false;
+      input.setAttribute('aria-invalid', 'true');
+      return [false, undefined];
+    };
+    const check = () => {
+      problem.hidden = true;
+      problem.textContent = '';
+      input.removeAttribute('aria-invalid');
+      const raw = input.value.trim();
+      if (raw === '') return p.required ? wrong('Required: enter a JSON value.') : [true, undefined];
+      let value;
+      try {
+        value = JSON.parse(raw);
+      } catch (err) {
+        return wrong(`Not valid JSON (${err instanceof Error ? err.message : String(err)}); a string needs double quotes: "text".`);
+      }
+      // At its default: leave it to the flow (a required one is always sent).
+      if (!p.required && p.default !== undefined && JSON.stringify(value) === JSON.stringify(p.default)) return [true, undefined];
+      return [true, value];
+    };
+    return { row, input, name: p.name, check };
+  };
+
+  const build = (f, version) => {
+    const fields = version.parameters.map(field);
+    const labels = h('input', { id: 'run-labels', type: 'text', autocomplete: 'off', placeholder: 'e.g. gpu, nightly' });
+    const submit = h('button', { type: 'submit', id: 'run-submit' }, 'Create run');
+    const cancel = h('button', { type: 'button', id: 'run-cancel', onclick: close }, 'Cancel');
+    el.onsubmit = async (ev) => {
+      ev.preventDefault();
+      say(null);
+      const parameters = {};
+      let firstBad = null;
+      for (const fl of fields) {
+        const [ok, value] = fl.check();
+        if (!ok) firstBad ??= fl.input;
+        else if (value !== undefined) parameters[fl.name] = value;
+      }
+      if (firstBad !== null) {
+        firstBad.focus();
+        return;
+      }
+      const extra = [...new Set(labels.value.split(',').map((l) => l.trim()).filter((l) => l !== ''))];
+      const body = { flowId: f.id, versionId: version.id, parameters };
+      if (extra.length > 0) body.labels = extra;
+      submit.disabled = true;
+      try {
+        const r = await api('POST', '/api/flow-runs', body);
+        location.hash = runHref(r.id);
+      } catch (err) {
+        submit.disabled = false;
+        // A 401 shows the token form instead.
+        if (!(err instanceof ApiError && err.status === 401)) say(err);
+      }
+    };
+    el.replaceChildren(
+      h('h2', null, 'Run ', h('span', { class: 'name' }, f.name), ' ', h('span', { class: 'muted' }, `${f.project} · v${version.version}`)),
+      fields.length === 0
+        ? h('p', { class: 'muted' }, 'This flow takes no parameters.')
+        : h(
+            'p',
+            { class: 'hint' },
+            'Values are JSON: "text" (with its double quotes), 42, true, null, [1, 2], {"k": 1}. ',
+            'An optional field left empty or at its default is not sent: the flow uses its default.',
+          ),
+      ...fields.map((fl) => fl.row),
+      h(
+        'div',
+        { class: 'field' },
+        h('label', { for: 'run-labels' }, 'Labels ', h('span', { class: 'muted' }, 'optional, comma separated')),
+        labels,
+        h('span', { class: 'hint' }, version.labels.length === 0 ? 'Added to the run.' : `Added to the version's: ${version.labels.join(', ')}.`),
+      ),
+      formError,
+      h('div', { class: 'toolbar' }, submit, cancel),
+    );
+    (fields[0]?.input ?? labels).focus();
+  };
+
+  return {
+    el,
+    /** Shows the form for flow `f` (a flows-list record), replacing any other. */
+    async open(f) {
+      const open = ++opens;
+      el.hidden = false;
+      el.setAttribute('data-flow', f.id);
+      el.onsubmit = (ev) => ev.preventDefault();
+      say(null);
+      el.replaceChildren(h('p', { class: 'muted' }, `Reading the parameters of ${f.name} v${f.version}…`), formError);
+      try {
+        const version = await api('GET', `/api/flow-versions/${encodeURIComponent(f.versionId)}`);
+        if (open !== opens) return;
+        build(f, version);
+      } catch (err) {
+        if (open !== opens) return;
+        if (!(err instanceof ApiError && err.status === 401)) {
+          say(err);
+          el.append(h('div', { class: 'toolbar' }, h('button', { type: 'button', id: 'run-cancel', onclick: close }, 'Cancel')));
+        }
+      }
+    },
+  };
+}
+
 function flowsView(params) {
   const project = params.get('project') ?? '';
   /** @type {Map<string, any>} */
@@ -591,11 +755,13 @@ function flowsView(params) {
   let fresh = null;
   let reads = 0;
   const tbody = h('tbody');
+  const runForm = runFormPanel();
   const el = h(
     'section',
     { id: 'flows' },
     h('h1', null, 'Flows'),
     project !== '' && h('div', { class: 'toolbar' }, h('span', { class: 'chip' }, `project ${project} `, h('a', { href: '#/flows' }, '×'))),
+    runForm.el,
     h(
       'table',
       { id: 'flows-table' },
@@ -604,17 +770,6 @@ function flowsView(params) {
     ),
   );
 
-  const startRun = async (f, btn) => {
-    btn.disabled = true;
-    try {
-      // No parameters: the run takes the version's defaults (a required one is refused, and said so).
-      const r = await api('POST', '/api/flow-runs', { flowId: f.id });
-      location.hash = runHref(r.id);
-    } catch (err) {
-      btn.disabled = false;
-      reportError(err);
-    }
-  };
   const setPaused = async (f, paused, btn) => {
     btn.disabled = true;
     try {
@@ -630,7 +785,7 @@ function flowsView(params) {
   const render = () => {
     const rows = [...flows.values()].sort((a, b) => (a.project === b.project ? (a.name < b.name ? -1 : 1) : a.project < b.project ? -1 : 1));
     fillRows(tbody, rows, 6, 'No flows registered', (f) => {
-        const run = h('button', { type: 'button', class: 'run-flow', onclick: () => void startRun(f, run) }, 'Run');
+        const run = h('button', { type: 'button', class: 'run-flow', onclick: () => void runForm.open(f) }, 'Run');
         const hasClocks = f.schedule !== null && f.schedule.clocks.length > 0;
         const paused = f.schedule?.paused === true;
         const toggle = hasClocks && h('button', { type: 'button', onclick: () => void setPaused(f, !paused, toggle) }, paused ? 'Resume schedule' : 'Pause schedule');
