@@ -27,6 +27,8 @@ import {
   type FlowRunState,
   type ParameterInfo,
   type Schedule,
+  type ServerEvent,
+  type StoredLogEntry,
   type TaskRun,
 } from '../server/model.ts';
 import type { Storage } from '../storage/types.ts';
@@ -96,7 +98,7 @@ const RUNS_FLAGS: readonly FlagSpec[] = [
   { name: 'flow', short: 'f', kind: 'string', value: 'NAME', help: 'only runs of this flow (with --project when names repeat)' },
   { name: 'state', short: 's', kind: 'list', value: 'STATE', help: 'only runs in this state (repeatable)' },
   { name: 'limit', short: 'n', kind: 'count', value: 'N', help: 'at most N runs, newest first (default 20)' },
-  { name: 'follow', kind: 'boolean', help: 'runs logs: keep printing new lines until the run ends' },
+  { name: 'follow', kind: 'boolean', help: 'runs logs: keep printing new lines until the run ends (there -f means --follow)' },
   { name: 'json', kind: 'boolean', help: 'print JSON' },
   ...SERVER_FLAGS,
   { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
@@ -104,7 +106,8 @@ const RUNS_FLAGS: readonly FlagSpec[] = [
 
 const RUNS_USAGE = `Usage: weft runs [list] [options]
        weft runs show <run id>         a run, its state history and its task runs
-       weft runs logs <run id> [--follow]
+       weft runs logs <run id> [-f]    its logs; -f/--follow: then new lines as they come, until
+                                       the run ends (exit 0 on Success, 1 otherwise)
        weft runs cancel <run id>
 
 Options:
@@ -348,8 +351,28 @@ function scheduleText(s: Schedule | null): string {
 
 // ---- weft runs ---------------------------------------------------------------------
 
+/**
+ * `weft runs logs` takes `-f` for `--follow` (as `tail -f` does), while the other runs
+ * commands keep `-f` for `--flow`: so the logs subcommand is tried first with its own flags.
+ */
+const RUNS_LOGS_FLAGS: readonly FlagSpec[] = [
+  { name: 'follow', short: 'f', kind: 'boolean', help: 'keep printing new lines until the run ends' },
+  ...SERVER_FLAGS,
+  { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
+];
+
+function parseRunsArgs(args: readonly string[]): ReturnType<typeof parseArgs> {
+  try {
+    const logs = parseArgs(args, RUNS_LOGS_FLAGS);
+    if (logs.positionals[0] === 'logs') return logs;
+  } catch {
+    // Not a logs command with logs flags: the general flags decide (and name any error).
+  }
+  return parseArgs(args, RUNS_FLAGS);
+}
+
 async function runsCommand(args: readonly string[], io: CliIO): Promise<number> {
-  const { flags, positionals } = parseArgs(args, RUNS_FLAGS);
+  const { flags, positionals } = parseRunsArgs(args);
   if (flags.help === true) {
     io.stdout.write(`${RUNS_USAGE}\n`);
     return EXIT_OK;
@@ -431,26 +454,211 @@ function taskDuration(t: TaskRun): string {
   return t.startedAt === null || t.endedAt === null ? '-' : formatDuration(t.endedAt - t.startedAt);
 }
 
+function logLine(e: StoredLogEntry): string {
+  const where = e.taskKey !== undefined ? ` ${e.taskKey}${e.mapIndex !== undefined && e.mapIndex >= 0 ? `[${e.mapIndex}]` : ''}` : '';
+  return `${new Date(e.at).toISOString()} ${e.level.toUpperCase().padEnd(5)} ${e.source}${where}: ${e.message}\n`;
+}
+
+/**
+ * `weft runs logs <id>`: the run's logs so far. With `follow`, then the lines the live
+ * feed brings as they are written, until the run reaches a final state (exit 0 on
+ * Success, 1 otherwise); polling when the feed is refused or drops. Ctrl-C stops.
+ */
 async function printLogs(backend: Backend, id: string, follow: boolean, io: CliIO): Promise<number> {
+  /** Highest seq read back: the next read pages on from it. */
   let after = 0;
-  for (;;) {
-    const entries = await backend.getLogs(id, { after, limit: 1000 });
+  /**
+   * Every seq printed, so a line is printed once whether read or fed. Not just a high-water
+   * mark: on PostgreSQL two writers may commit their seqs out of order, and the feed
+   * brings the lower one after the higher.
+   */
+  const printed = new Set<number>();
+  const print = (entries: readonly StoredLogEntry[]): void => {
     for (const e of entries) {
-      after = Math.max(after, e.seq);
-      const where = e.taskKey !== undefined ? ` ${e.taskKey}${e.mapIndex !== undefined && e.mapIndex >= 0 ? `[${e.mapIndex}]` : ''}` : '';
-      io.stdout.write(`${new Date(e.at).toISOString()} ${e.level.toUpperCase().padEnd(5)} ${e.source}${where}: ${e.message}\n`);
+      if (printed.has(e.seq)) continue;
+      printed.add(e.seq);
+      io.stdout.write(logLine(e));
     }
-    if (entries.length === 1000) continue;
-    if (!follow) return EXIT_OK;
-    const run = await backend.getFlowRun(id);
-    if (FINAL_FLOW_RUN_STATES.includes(run.state)) {
-      // One last read: lines written just before the end.
-      const rest = await backend.getLogs(id, { after, limit: 1000 });
-      for (const e of rest) io.stdout.write(`${new Date(e.at).toISOString()} ${e.level.toUpperCase().padEnd(5)} ${e.source}: ${e.message}\n`);
-      return EXIT_OK;
+  };
+  const catchUp = async (): Promise<void> => {
+    for (;;) {
+      const entries = await backend.getLogs(id, { after, limit: 1000 });
+      print(entries);
+      for (const e of entries) after = Math.max(after, e.seq);
+      if (entries.length < 1000) return;
     }
-    await new Promise((r) => setTimeout(r, 500));
+  };
+  if (!follow) {
+    await catchUp();
+    return EXIT_OK;
   }
+
+  const wake = new Wakeup();
+  let stop = false;
+  const onSigint = (): void => {
+    stop = true;
+    wake.poke();
+  };
+  process.once('SIGINT', onSigint);
+  const note = (line: string): void => void io.stderr.write(`weft runs logs: ${line}\n`);
+  // Subscribe before the first read, so a line written in between is not missed (seq dedups).
+  const feed = await RunFeed.open(backend, id, wake);
+  let polling = feed.refused !== null;
+  if (feed.refused !== null) note(`no live feed (${feed.refused}); polling every 500ms`);
+  try {
+    await catchUp();
+    let run = await backend.getFlowRun(id);
+    for (;;) {
+      if (!polling) {
+        const events = feed.take();
+        const fedLogs: StoredLogEntry[] = [];
+        for (const e of events) {
+          if (e.type === 'log') fedLogs.push(e.entry);
+          else if (e.type === 'flowRun' && e.run.stateVersion >= run.stateVersion) run = e.run;
+        }
+        print(fedLogs.sort((a, b) => a.seq - b.seq));
+        if (feed.dropped !== null) {
+          note(`the live feed closed (${feed.dropped}); polling every 500ms`);
+          polling = true;
+        }
+      }
+      if (polling) {
+        await catchUp();
+        run = await backend.getFlowRun(id);
+      }
+      if (FINAL_FLOW_RUN_STATES.includes(run.state)) {
+        // One last read: lines written just before the end, and any the feed did not bring.
+        await catchUp();
+        return run.state === 'Success' ? EXIT_OK : EXIT_FAILED;
+      }
+      if (stop) {
+        io.stderr.write(`stopped following run ${id} (still ${run.state})\n`);
+        return EXIT_FAILED;
+      }
+      await wake.wait(polling ? 500 : 1000);
+    }
+  } finally {
+    feed.close();
+    process.removeListener('SIGINT', onSigint);
+  }
+}
+
+// ---- following a run: the live feed, else polling ----------------------------------
+
+/** A wait that a feed event or Ctrl-C ends early; a poke with nobody waiting ends the next wait at once. */
+class Wakeup {
+  private resolve: (() => void) | null = null;
+  private poked = false;
+
+  poke(): void {
+    const r = this.resolve;
+    this.resolve = null;
+    if (r !== null) r();
+    else this.poked = true;
+  }
+
+  wait(ms: number): Promise<void> {
+    if (this.poked) {
+      this.poked = false;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      const t = setTimeout(() => {
+        this.resolve = null;
+        resolve();
+      }, ms);
+      this.resolve = () => {
+        clearTimeout(t);
+        resolve();
+      };
+    });
+  }
+}
+
+/** The live feed as `BackendClient` has it (the `Backend` interface has no feed). */
+interface LiveFeedSource {
+  subscribe(onEvent: (e: ServerEvent) => void, opts: { flowRun?: string; onClose?: (code: number, reason: string) => void }): Promise<() => void>;
+}
+
+/** How long a feed may take to open before the follower polls instead (a proxy may hold an upgrade forever). */
+const FEED_OPEN_TIMEOUT_MS = 5000;
+
+/**
+ * The live feed of one flow run as a queue the follower drains between waits. Events are
+ * only queued here (the follower's loop applies them), so state changes in one place.
+ */
+class RunFeed {
+  /** Events received and not yet taken. */
+  private queue: ServerEvent[] = [];
+  private closeFeed: (() => void) | null = null;
+  private closedByUs = false;
+  /** Why the feed could not be opened; null when it opened. */
+  refused: string | null = null;
+  /** Why an opened feed stopped (the server closed it, the network dropped); null while it delivers. */
+  dropped: string | null = null;
+
+  private constructor(private readonly wake: Wakeup) {}
+
+  static async open(backend: Backend, flowRun: string, wake: Wakeup): Promise<RunFeed> {
+    const feed = new RunFeed(wake);
+    const source = backend as Backend & Partial<LiveFeedSource>;
+    if (typeof source.subscribe !== 'function') {
+      feed.refused = 'this client has none';
+      return feed;
+    }
+    const opening = source.subscribe(
+      (e) => {
+        feed.queue.push(e);
+        wake.poke();
+      },
+      {
+        flowRun,
+        onClose: (code, reason) => {
+          if (feed.closedByUs) return;
+          feed.dropped = `${code}${reason !== '' ? ` ${reason}` : ''}`;
+          wake.poke();
+        },
+      },
+    );
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), FEED_OPEN_TIMEOUT_MS)));
+    try {
+      const opened = await Promise.race([opening, timeout]);
+      if (opened === 'timeout') {
+        feed.refused = `no answer in ${FEED_OPEN_TIMEOUT_MS / 1000}s`;
+        feed.closedByUs = true;
+        // Should it open later, close it: the follower polls by then.
+        opening.then((close) => close(), () => undefined);
+      } else {
+        feed.closeFeed = opened;
+      }
+    } catch (err) {
+      feed.refused = err instanceof BackendError ? `the server answered ${err.status} ${err.code}` : describeFeedError(err);
+    } finally {
+      clearTimeout(timer);
+    }
+    return feed;
+  }
+
+  /** The events received since the last take, in arrival order. */
+  take(): ServerEvent[] {
+    const events = this.queue;
+    this.queue = [];
+    return events;
+  }
+
+  close(): void {
+    this.closedByUs = true;
+    this.closeFeed?.();
+    this.closeFeed = null;
+  }
+}
+
+function describeFeedError(err: unknown): string {
+  if (isConnectionError(err)) return describeBackendError(err);
+  const code = (err as { code?: unknown } | null)?.code;
+  const message = err instanceof Error ? err.message : String(err);
+  return typeof code === 'string' && !message.includes(code) ? `${code}: ${message}` : message;
 }
 
 // ---- weft run <flow name> --remote -------------------------------------------------
@@ -479,7 +687,7 @@ export interface RemoteRunArgs {
 
 /**
  * Create a run of a registered flow and follow it with the same progress as a local run,
- * polling its task runs; exit 0 when it ends Success, 1 otherwise. Ctrl-C stops following
+ * from the server's live feed (polling when there is none); exit 0 when it ends Success, 1 otherwise. Ctrl-C stops following
  * (the run goes on; `weft runs cancel` cancels it).
  */
 export async function remoteRun(flags: Readonly<Record<string, FlagValue>>, a: RemoteRunArgs, io: CliIO): Promise<number> {
@@ -512,7 +720,7 @@ export async function remoteRun(flags: Readonly<Record<string, FlagValue>>, a: R
     const reporter = a.quiet ? null : new ProgressReporter(io.stderr);
     reporter?.start(`run ${run.id}: ${flow.project}/${flow.name} v${run.version} created (${run.state}); waiting for an agent`);
     if (a.noWait === true) return EXIT_OK;
-    return await followRun(backend, run, reporter, io);
+    return await followRun(backend, run, graphTaskCount(version.graph), reporter, io);
   } catch (err) {
     if (err instanceof BackendError || isConnectionError(err)) {
       io.stderr.write(`weft run: ${describeBackendError(err)}\n`);
@@ -522,30 +730,75 @@ export async function remoteRun(flags: Readonly<Record<string, FlagValue>>, a: R
   }
 }
 
-async function followRun(backend: Backend, created: FlowRun, reporter: ProgressReporter | null, io: CliIO): Promise<number> {
+/**
+ * Follow a run to its end. From the live feed when the server gives one: subscribed to
+ * the run before its state is read, so no change falls between the read and the feed;
+ * the task runs' states are kept from the feed's events (newest version wins, so an
+ * event older than a read changes nothing). When the feed is refused or drops, the run
+ * and its task runs are polled every 250 ms instead (said once on stderr).
+ */
+async function followRun(backend: Backend, created: FlowRun, graphTasks: number, reporter: ProgressReporter | null, io: CliIO): Promise<number> {
   const t0 = Date.now();
   let run = created;
   let lastState: FlowRunState = run.state;
+  /** The newest state seen of each task run, by key and map index. */
+  const tasks = new Map<string, TaskRun>();
+  const putTask = (t: TaskRun): void => {
+    const k = `${t.key}\u0000${t.mapIndex}`;
+    const had = tasks.get(k);
+    if (had === undefined || t.version >= had.version) tasks.set(k, t);
+  };
+  const putRun = (r: FlowRun): void => {
+    if (r.stateVersion >= run.stateVersion) run = r;
+  };
+  const wake = new Wakeup();
   let stop = false;
   const onSigint = (): void => {
     stop = true;
+    wake.poke();
   };
   process.once('SIGINT', onSigint);
+  const note = (line: string): void => (reporter !== null ? reporter.log(line) : void io.stderr.write(`${line}\n`));
+  const feed = await RunFeed.open(backend, run.id, wake);
+  let polling = feed.refused !== null;
+  if (feed.refused !== null) note(`weft run: no live feed (${feed.refused}); polling the run every 250ms`);
+  /** Whether the task runs were read once since the run started (the feed brings the rest). */
+  let tasksRead = false;
   try {
+    putRun(await backend.getFlowRun(run.id));
     for (;;) {
-      run = await backend.getFlowRun(run.id);
+      if (!polling) {
+        for (const e of feed.take()) {
+          if (e.type === 'flowRun') putRun(e.run);
+          else if (e.type === 'taskRun') putTask(e.task);
+        }
+        if (feed.dropped !== null) {
+          note(`weft run: the live feed closed (${feed.dropped}); polling the run every 250ms`);
+          polling = true;
+        }
+      }
+      if (polling) putRun(await backend.getFlowRun(run.id));
       if (run.state !== lastState) {
         reporter?.log(`run ${run.id}: ${run.state}${run.message !== null ? ` (${run.message})` : ''}`);
         lastState = run.state;
       }
       // No progress line while the run waits for an agent: it has no task runs yet.
       const started = run.state !== 'Scheduled' && run.state !== 'Submitted';
-      const tasks = started ? await backend.getTaskRuns(run.id) : [];
-      const p = progressOf(tasks, run.startedAt ?? t0);
+      if (started && (polling || !tasksRead)) {
+        for (const t of await backend.getTaskRuns(run.id)) putTask(t);
+        tasksRead = true;
+      }
+      const final = FINAL_FLOW_RUN_STATES.includes(run.state);
+      // At the end, one read of the task runs settles the summary whatever the feed carried.
+      if (final && !polling) for (const t of await backend.getTaskRuns(run.id)) putTask(t);
+      const seen = [...tasks.values()];
+      const p = progressOf(seen, run.startedAt ?? t0, graphTasks);
       if (started) reporter?.update(p);
-      if (FINAL_FLOW_RUN_STATES.includes(run.state)) {
+      if (final) {
         reporter?.finish(p);
-        const failed = tasks.filter((t) => t.state === 'Failed' || t.state === 'TimedOut' || t.state === 'TriggerFailed');
+        const failed = seen
+          .filter((t) => t.state === 'Failed' || t.state === 'TimedOut' || t.state === 'TriggerFailed')
+          .sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : a.mapIndex - b.mapIndex));
         for (const t of failed.slice(0, 10)) io.stdout.write(`  ${t.key}${t.mapIndex >= 0 ? `[${t.mapIndex}]` : ''}: ${t.state}${t.message !== null ? ` — ${t.message}` : ''}\n`);
         const took = run.startedAt !== null && run.endedAt !== null ? ` in ${formatDuration(run.endedAt - run.startedAt)}` : '';
         io.stdout.write(`${run.flowName}: ${run.state}${took}${run.message !== null ? ` — ${run.message}` : ''} (run ${run.id})\n`);
@@ -556,14 +809,23 @@ async function followRun(backend: Backend, created: FlowRun, reporter: ProgressR
         io.stderr.write(`stopped following run ${run.id} (still ${run.state}); cancel it with: weft runs cancel ${run.id}\n`);
         return EXIT_FAILED;
       }
-      await new Promise((r) => setTimeout(r, 250));
+      // From the feed, the wait ends at the next event; the timeout keeps the elapsed time moving.
+      await wake.wait(250);
     }
   } finally {
+    feed.close();
     process.removeListener('SIGINT', onSigint);
   }
 }
 
-function progressOf(tasks: readonly TaskRun[], since: number): RunProgress {
+/** How many task nodes a registered graph has (0 when the graph is not one `graphSummary` wrote). */
+function graphTaskCount(graph: unknown): number {
+  const nodes = (graph as { nodes?: unknown } | null)?.nodes;
+  return Array.isArray(nodes) ? nodes.length : 0;
+}
+
+/** `knownTotal`: the graph's task count; mapped tasks add task runs as they run, so the larger count wins. */
+function progressOf(tasks: readonly TaskRun[], since: number, knownTotal: number): RunProgress {
   let done = 0;
   let running = 0;
   let failed = 0;
@@ -595,7 +857,7 @@ function progressOf(tasks: readonly TaskRun[], since: number): RunProgress {
     }
   }
   const elapsedMs = Date.now() - since;
-  return { total: tasks.length, done, running, failed, skipped, rate: elapsedMs > 0 ? (done * 1000) / elapsedMs : 0, elapsedMs };
+  return { total: Math.max(knownTotal, tasks.length), done, running, failed, skipped, rate: elapsedMs > 0 ? (done * 1000) / elapsedMs : 0, elapsedMs };
 }
 
 // ---- output ------------------------------------------------------------------------
