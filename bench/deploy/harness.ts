@@ -20,7 +20,9 @@
  * 3. One run end to end: a LocalAgent (polling every `pollMs`) and one no-op run at a
  *    time. Times come from the server's state history (created = Scheduled, Submitted =
  *    claimed, Running = the process took it, Success) and the agent (process spawned,
- *    process exited), all on this machine's one clock.
+ *    process exited), all on this machine's one clock. Then the same with a LocalAgent
+ *    keeping `standby` processes started ahead (each run created once one is ready; the
+ *    "spawned" time is the hand-over), rows marked `[standby N]`.
  * 4. Drain: `drainN` no-op runs created first, then 1 (or 2, ...) LocalAgents started,
  *    each with at most `maxRuns` flow-run processes at once; wall time from the agents'
  *    start to the last run's Success (and to the last process exit), runs/s.
@@ -93,6 +95,7 @@ export interface DeployBenchResult {
     readonly poll_ms: number;
     readonly http_n: number;
     readonly claim_n: number;
+    readonly standby: number;
   };
   /** PIDs of every process the benchmark started (all exited or killed when it returns). */
   readonly pids: readonly number[];
@@ -202,6 +205,8 @@ export async function benchDeploy(opts: DeployBenchOptions): Promise<DeployBench
   for (const [k, v] of [['runs', o.runs], ['drainN', o.drainN], ['drainRuns', o.drainRuns], ['maxRuns', o.maxRuns], ['pollMs', o.pollMs], ['httpN', o.httpN], ['claimN', o.claimN]] as const) {
     if (!Number.isSafeInteger(v) || v < 1) throw new RangeError(`deploy bench: ${k} must be an integer >= 1 (got ${v})`);
   }
+  const standby = o.standby ?? 0;
+  if (!Number.isSafeInteger(standby) || standby < 0) throw new RangeError(`deploy bench: standby must be an integer >= 0 (got ${standby})`);
   const log = o.log ?? (() => undefined);
   const dir = mkdtempSync(join(tmpdir(), 'weft-bench-deploy-'));
   const db = o.db ?? `sqlite:${join(dir, 'server.db')}`;
@@ -239,7 +244,11 @@ export async function benchDeploy(opts: DeployBenchOptions): Promise<DeployBench
       rows.push(await claims(ctx, batch));
     }
     log(`one no-op run at a time through a LocalAgent (poll ${o.pollMs} ms; 1 warm-up + ${o.runs} runs)`);
-    rows.push(...(await oneRun(ctx)));
+    rows.push(...(await oneRun(ctx, 0)));
+    if (standby > 0) {
+      log(`one no-op run at a time through a LocalAgent with ${standby} standby process(es) (1 warm-up + ${o.runs} runs)`);
+      rows.push(...(await oneRun(ctx, standby)));
+    }
     for (const k of o.agents) {
       log(`drain ${o.drainN} runs with ${k} agent${k === 1 ? '' : 's'} × ${o.maxRuns} processes (${o.drainRuns} run${o.drainRuns === 1 ? '' : 's'})`);
       rows.push(await drain(ctx, k));
@@ -247,7 +256,7 @@ export async function benchDeploy(opts: DeployBenchOptions): Promise<DeployBench
     if (feedClosed) throw new Error('the live feed closed during the benchmark');
     return {
       rows,
-      settings: { db: db.startsWith('sqlite:') ? 'sqlite' : 'postgres', runs: o.runs, drain_n: o.drainN, drain_runs: o.drainRuns, max_runs: o.maxRuns, poll_ms: o.pollMs, http_n: o.httpN, claim_n: o.claimN },
+      settings: { db: db.startsWith('sqlite:') ? 'sqlite' : 'postgres', runs: o.runs, drain_n: o.drainN, drain_runs: o.drainRuns, max_runs: o.maxRuns, poll_ms: o.pollMs, http_n: o.httpN, claim_n: o.claimN, standby },
       pids: [...pids],
     };
   } finally {
@@ -519,10 +528,31 @@ function mustSucceed(ctx: Ctx, ids: readonly string[]): void {
   }
 }
 
-async function oneRun(ctx: Ctx): Promise<DeployRow[]> {
+/** The one-run rows' names of an agent with `standby` standby processes (0: none, the plain names). */
+export function oneRunName(k: keyof typeof ONE_RUN_ROWS, standby: number): string {
+  return standby === 0 ? ONE_RUN_ROWS[k] : `${ONE_RUN_ROWS[k]} [standby ${standby}]`;
+}
+
+/** Wait (bounded) until the agent has a ready standby; its PIDs join the benchmark's. */
+async function readyStandby(ctx: Ctx, agent: LocalAgent): Promise<void> {
+  const end = Date.now() + SPAWN_TIMEOUT_MS;
+  for (;;) {
+    let ready = false;
+    for (const [pid, r] of agent.standbys) {
+      ctx.pids.add(pid);
+      ctx.live.add(pid);
+      ready ||= r;
+    }
+    if (ready) return;
+    if (Date.now() > end) throw new Error(`no standby process ready within ${SPAWN_TIMEOUT_MS} ms`);
+    await sleep(5);
+  }
+}
+
+async function oneRun(ctx: Ctx, standby: number): Promise<DeployRow[]> {
   const { o } = ctx;
-  const nodeArgs = o.cpuProfDir !== undefined ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [];
-  const agent = newAgent(ctx, 'weft-bench-one', nodeArgs.length > 0 ? { nodeArgs } : {});
+  const nodeArgs = o.cpuProfDir !== undefined && standby === 0 ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [];
+  const agent = newAgent(ctx, standby === 0 ? 'weft-bench-one' : 'weft-bench-one-standby', { ...(nodeArgs.length > 0 ? { nodeArgs } : {}), ...(standby > 0 ? { standby } : {}) });
   const phases: Record<keyof typeof ONE_RUN_ROWS, number[]> = { submitted: [], spawned: [], running: [], success: [], exited: [], work: [] };
   const floors: number[] = [];
   let childCpu: number | null = 0;
@@ -533,6 +563,7 @@ async function oneRun(ctx: Ctx): Promise<DeployRow[]> {
     for (let i = -1; i < o.runs; i++) {
       // The floor beside this run: the machine's load now, not at the start of the bench.
       const floor = await spawnToExit(ctx, [WEFT_BIN, '--version']);
+      if (standby > 0) await readyStandby(ctx, agent);
       // The agent polls as soon as a process exits (room freed), then every pollMs: a run
       // created right after the last one ended would always wait a whole interval. A
       // random phase makes created → Submitted what a run created at any time waits.
@@ -558,10 +589,13 @@ async function oneRun(ctx: Ctx): Promise<DeployRow[]> {
       phases.work.push(h.Success! - h.Running!);
     }
   } finally {
+    const standbys = [...agent.standbys.keys()];
     await agent.stop({ stopRuns: true });
+    // stop() waited for its standbys to exit.
+    for (const pid of standbys) ctx.live.delete(pid);
   }
   return (Object.keys(ONE_RUN_ROWS) as (keyof typeof ONE_RUN_ROWS)[]).map((k) => {
-    const r = latencyRow('flow run', ONE_RUN_ROWS[k], phases[k].map((x) => [x]));
+    const r = latencyRow('flow run', oneRunName(k, standby), phases[k].map((x) => [x]));
     const floor = median(floors);
     // The process's CPU belongs to the whole run: given on the end-to-end rows.
     const whole = k === 'success' || k === 'exited';

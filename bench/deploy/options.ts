@@ -23,6 +23,8 @@ export interface DeployBenchOptions {
   readonly claimBatches: readonly number[];
   /** `sqlite:PATH` or `postgres://…`; default a SQLite file in a temp directory. */
   readonly db?: string;
+  /** The one-run rows again through an agent with this many standby processes (default 0: not measured). */
+  readonly standby?: number;
   /** Profile the flow-run processes of the one-run rows into this directory (`node --cpu-prof`). */
   readonly cpuProfDir?: string;
   readonly log?: (line: string) => void;
@@ -38,6 +40,7 @@ export const DEPLOY_DEFAULTS = {
   httpN: 100,
   claimN: 300,
   claimBatches: [1, 10],
+  standby: 0,
 } as const satisfies Omit<DeployBenchOptions, 'log'>;
 
 /** `--quick`: a smoke run (seconds, not minutes). */

@@ -32,6 +32,7 @@ const FLAGS: readonly FlagSpec[] = [
   { name: 'result-dir', kind: 'string', value: 'DIR', help: "local: the flow-run processes' checkpoint directory (default .weft/results in their working directory)" },
   { name: 'run-heartbeat-ms', kind: 'count', value: 'MS', help: "local: the flow-run processes' heartbeat interval (default 2000)" },
   { name: 'on-signal-exit', kind: 'string', choices: ['leave', 'fail'], help: 'local: a flow-run process killed by a signal: leave its run to lazarus (default) or fail it' },
+  { name: 'standby', kind: 'count', value: 'N', help: 'local: keep N flow-run processes started and loaded ahead of their runs (default 0: one process started per run)' },
   { name: 'image', kind: 'string', value: 'IMAGE', help: 'docker, kubernetes: image of runs whose run config, storage (and job template) name none' },
   { name: 'weft-bin', kind: 'string', value: 'PATH', help: "docker, kubernetes: weft's bin/weft.js inside the image (default: this installation's path)" },
   { name: 'docker-host', kind: 'string', value: 'HOST', help: 'docker: the daemon, a unix socket path, unix://PATH or tcp://HOST:PORT (default $DOCKER_HOST, else /var/run/docker.sock)' },
@@ -58,6 +59,7 @@ const KINDS_OF: Readonly<Record<string, readonly AgentKind[]>> = {
   'result-dir': ['local'],
   'run-heartbeat-ms': ['local'],
   'on-signal-exit': ['local'],
+  standby: ['local'],
   image: ['docker', 'kubernetes'],
   'weft-bin': ['docker', 'kubernetes'],
   'docker-host': ['docker'],
@@ -92,6 +94,7 @@ Examples:
   weft agent local
   weft agent local --label etl --label gpu --server http://10.0.0.5:4200 --token-file ~/.weft/api-token
   weft agent local --health-port 8080 --max-runs 8
+  weft agent local --standby 2
   weft agent docker --docker-host tcp://127.0.0.1:2375 --image node:20 --network weft-net
   weft agent docker --no-mount-weft --weft-bin /opt/weft/bin/weft.js -v /data:/data:ro
   weft agent kubernetes --kubeconfig ~/.kube/prod --namespace flows --image registry.example/weft-runner:1
@@ -168,6 +171,7 @@ async function agent(args: readonly string[], io: CliIO): Promise<number> {
           ...(typeof flags['result-dir'] === 'string' ? { resultDir: resolve(io.cwd, flags['result-dir']) } : {}),
           ...(typeof flags['run-heartbeat-ms'] === 'number' ? { runHeartbeatMs: flags['run-heartbeat-ms'] } : {}),
           ...(flags['on-signal-exit'] === 'fail' ? { onSignalExit: 'fail' as const } : {}),
+          ...(typeof flags.standby === 'number' ? { standby: flags.standby } : {}),
         });
   try {
     await agent.start();

@@ -7,7 +7,7 @@
  *   weft bench --micro | --shape core [--n N] [--runs R] [--quick] [--json OUT]
  *   weft bench --shape latency [--n RUNS] [--executor cluster-warm|...|all] [--json OUT]
  *   weft bench --shape scheduler [--n TASKS] [--sim-workers N] [--credits N] [--runs R] [--json OUT]
- *   weft bench --deploy | --shape deploy [--n RUNS] [--runs R] [--drain-runs R] [--max-runs N] [--poll-ms MS] [--db URL] [--cpu-prof DIR] [--quick] [--json OUT]
+ *   weft bench --deploy | --shape deploy [--n RUNS] [--runs R] [--drain-runs R] [--max-runs N] [--poll-ms MS] [--standby N] [--db URL] [--cpu-prof DIR] [--quick] [--json OUT]
  *
  * Returns the exit code: 0 all benchmarks ran, 1 a run failed (or the runner could not
  * be loaded), 2 a usage problem. Everything heavy lives in `bench/`; this file parses
@@ -82,7 +82,7 @@ const SIM_RAISED_CREDITS = 2048;
 /** Cluster modes: the special shapes (not graph shapes). */
 const CLUSTER_MODES = ['latency', 'scheduler'] as const;
 /** Flags of `--shape deploy` only. */
-const DEPLOY_FLAGS = ['db', 'poll-ms', 'max-runs', 'drain-runs', 'cpu-prof'] as const;
+const DEPLOY_FLAGS = ['db', 'poll-ms', 'max-runs', 'drain-runs', 'cpu-prof', 'standby'] as const;
 
 function flags(): FlagSpec[] {
   return [
@@ -114,6 +114,7 @@ function flags(): FlagSpec[] {
     { name: 'poll-ms', kind: 'count', value: 'MS', help: `--deploy: the agents' poll interval when idle (default ${DEPLOY_DEFAULTS.pollMs})` },
     { name: 'max-runs', kind: 'count', value: 'N', help: `--deploy: flow-run processes per agent at once (default ${DEPLOY_DEFAULTS.maxRuns})` },
     { name: 'drain-runs', kind: 'count', value: 'R', help: `--deploy: timed drains per agent count (default ${DEPLOY_DEFAULTS.drainRuns}; --quick: --runs)` },
+    { name: 'standby', kind: 'count', value: 'N', help: '--deploy: the one-run rows again, through an agent keeping N standby flow-run processes (default: not measured)' },
     { name: 'cpu-prof', kind: 'string', value: 'DIR', help: '--deploy: profile the one-run flow-run processes (node --cpu-prof) into DIR and print where their time goes' },
     { name: 'help', short: 'h', kind: 'boolean', help: 'show this help' },
   ];
@@ -126,7 +127,7 @@ function usage(): string {
   weft bench --micro [--n N] [--runs R] [--quick] [--json OUT]
   weft bench --shape latency [--n RUNS] [--executor E|all] [--workers N] [--json OUT]
   weft bench --shape scheduler [--n TASKS] [--sim-workers N] [--credits N] [--runs R] [--json OUT]
-  weft bench --deploy [--n RUNS] [--runs R] [--drain-runs R] [--max-runs N] [--poll-ms MS] [--db URL] [--cpu-prof DIR] [--quick] [--json OUT]
+  weft bench --deploy [--n RUNS] [--runs R] [--drain-runs R] [--max-runs N] [--poll-ms MS] [--standby N] [--db URL] [--cpu-prof DIR] [--quick] [--json OUT]
 
 Shapes (each node explicit, no mapping):
   independent  n no-op tasks                    chain      n no-op tasks, each on the previous
@@ -579,6 +580,7 @@ async function deployMode(f: Readonly<Record<string, unknown>>, io: BenchIO): Pr
       drainN,
       maxRuns: numberFlag(f, 'max-runs') ?? DEPLOY_DEFAULTS.maxRuns,
       pollMs: numberFlag(f, 'poll-ms') ?? DEPLOY_DEFAULTS.pollMs,
+      standby: numberFlag(f, 'standby') ?? DEPLOY_DEFAULTS.standby,
       ...(db !== undefined ? { db } : {}),
       ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       log,
