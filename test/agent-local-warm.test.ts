@@ -21,9 +21,9 @@ import { LocalAgent, WEFT_BIN } from '../src/agent/local.ts';
 import { STANDBY_READY } from '../src/cli/execute.ts';
 import { BackendClient } from '../src/server/client.ts';
 import { startServer, type RunningServer } from '../src/server/index.ts';
-import type { FlowRun, FlowRunState } from '../src/server/model.ts';
+import type { FlowRun } from '../src/server/model.ts';
 import type { RunConfig } from '../src/run-config/index.ts';
-import { alive, fixture, HOST_LABEL, killQuietly, registerFixture, waitFor } from './fixtures/deploy/harness.ts';
+import { alive, finishedRun, fixture, HOST_LABEL, killQuietly, LOCAL_AGENT_SERVER, registerFixture, waitFor } from './fixtures/deploy/harness.ts';
 
 let srv: RunningServer;
 let api: BackendClient;
@@ -34,7 +34,6 @@ const seen = new Set<number>();
 const agentLines: string[] = [];
 let tracker: NodeJS.Timeout | undefined;
 
-const FINAL: readonly FlowRunState[] = ['Success', 'Failed', 'Cancelled'];
 
 async function registerEnvFlow(name: string, runConfig: RunConfig): Promise<void> {
   await api.registerFlow({
@@ -53,15 +52,7 @@ beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'weft-agent-warm-'));
   workDir = join(dir, 'work');
   mkdirSync(workDir);
-  srv = await startServer({
-    db: `sqlite:${join(dir, 'server.db')}`,
-    port: 0,
-    host: '127.0.0.1',
-    zombieTimeoutMs: 2_500,
-    reaperIntervalMs: 250,
-    lazarusTimeoutMs: 30_000,
-    schedulerIntervalMs: 60_000,
-  });
+  srv = await startServer({ db: `sqlite:${join(dir, 'server.db')}`, port: 0, host: '127.0.0.1', ...LOCAL_AGENT_SERVER });
   api = new BackendClient(srv.url);
   await registerFixture(api, 'slow.ts', 'deploy-slow');
   await registerEnvFlow('deploy-env', { kind: 'local', workingDir: workDir, env: { WEFT_TEST_VAR: 'from-run-config' } });
@@ -93,16 +84,7 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function finished(id: string, timeoutMs = 30_000): Promise<FlowRun> {
-  return waitFor(
-    `run ${id} to finish`,
-    async () => {
-      const r = await api.getFlowRun(id);
-      return FINAL.includes(r.state) ? r : undefined;
-    },
-    timeoutMs,
-  );
-}
+const finished = (id: string, timeoutMs?: number): Promise<FlowRun> => finishedRun(api, id, timeoutMs);
 
 /** The PIDs of the agent's ready standbys, once there is one. */
 async function readyStandbys(): Promise<number[]> {

@@ -20,8 +20,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LocalAgent, WEFT_BIN } from '../src/agent/local.ts';
 import { BackendClient } from '../src/server/client.ts';
 import { startServer, type RunningServer } from '../src/server/index.ts';
-import type { FlowRun, FlowRunState } from '../src/server/model.ts';
-import { alive, killQuietly, registerFixture, waitFor } from './fixtures/deploy/harness.ts';
+import type { FlowRun } from '../src/server/model.ts';
+import { alive, finishedRun, killQuietly, LOCAL_AGENT_SERVER, registerFixture, waitFor } from './fixtures/deploy/harness.ts';
 
 let srv: RunningServer;
 let api: BackendClient;
@@ -30,22 +30,10 @@ let agent: LocalAgent;
 const spawned = new Set<number>();
 const agentLines: string[] = [];
 
-const FINAL: readonly FlowRunState[] = ['Success', 'Failed', 'Cancelled'];
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'weft-agent-local-'));
-  srv = await startServer({
-    db: `sqlite:${join(dir, 'server.db')}`,
-    port: 0,
-    host: '127.0.0.1',
-    // A run silent for 2.5 s is a zombie: rescheduled (lazarus's rule), checked every 250 ms. (Shorter
-    // timeouts misfire on a loaded 2-core machine: a flow-run process starting under load can
-    // be silent for over a second.)
-    zombieTimeoutMs: 2_500,
-    reaperIntervalMs: 250,
-    lazarusTimeoutMs: 30_000,
-    schedulerIntervalMs: 60_000,
-  });
+  srv = await startServer({ db: `sqlite:${join(dir, 'server.db')}`, port: 0, host: '127.0.0.1', ...LOCAL_AGENT_SERVER });
   api = new BackendClient(srv.url);
   await registerFixture(api, 'ok.ts', 'deploy-ok');
   await registerFixture(api, 'fail.ts', 'deploy-fail');
@@ -82,16 +70,7 @@ function track(): void {
   t.unref();
 }
 
-async function finished(id: string, timeoutMs = 30_000): Promise<FlowRun> {
-  return waitFor(
-    `run ${id} to finish`,
-    async () => {
-      const r = await api.getFlowRun(id);
-      return FINAL.includes(r.state) ? r : undefined;
-    },
-    timeoutMs,
-  );
-}
+const finished = (id: string, timeoutMs?: number): Promise<FlowRun> => finishedRun(api, id, timeoutMs);
 
 const create = (flowName: string, parameters: Record<string, unknown> = {}) => api.createFlowRun({ project: 'tests', flowName, parameters });
 
