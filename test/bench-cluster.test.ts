@@ -8,22 +8,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { benchSchedulerSim, percentile, wsBaseline, wsRelayBaseline, wsRoundTripBaseline, WS_REFERENCE } from '../bench/cluster.ts';
 import { loadRunFlow } from '../bench/harness.ts';
 import { benchCommand } from '../src/cli/bench.ts';
-import { captureIO } from './helpers/bench-io.ts';
+import { captureIO, openHandles, settledHandles } from './helpers/bench-io.ts';
 
-/** Sockets, servers and child processes this test process holds. */
-function openHandles(): number {
-  return process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap' || r === 'ProcessWrap').length;
-}
-
-/** Handles close on their next turns: give them a few. */
-async function settledHandles(before: number): Promise<number> {
-  let n = openHandles();
-  for (let i = 0; i < 50 && n > before; i++) {
-    await new Promise((r) => setTimeout(r, 20));
-    n = openHandles();
-  }
-  return n;
-}
 
 const dir = mkdtempSync(join(tmpdir(), 'weft-bench-cluster-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

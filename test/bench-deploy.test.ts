@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { benchDeploy, HTTP_CREATE, HTTP_GET, ONE_RUN_ROWS, percentile, SPAWN_NODE, SPAWN_WEFT, type DeployRow } from '../bench/deploy/harness.ts';
 import { summarizeProfiles } from '../bench/deploy/profile.ts';
 import { benchCommand } from '../src/cli/bench.ts';
-import { captureIO } from './helpers/bench-io.ts';
+import { captureIO, openHandles, settledHandles } from './helpers/bench-io.ts';
 
 let dir: string;
 
@@ -45,19 +45,6 @@ function stillOurs(pid: number): boolean {
   }
 }
 
-/** Sockets, servers and child processes this test process holds. */
-function openHandles(): number {
-  return process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap' || r === 'ProcessWrap').length;
-}
-
-async function settledHandles(before: number): Promise<number> {
-  let n = openHandles();
-  for (let i = 0; i < 50 && n > before; i++) {
-    await new Promise((r) => setTimeout(r, 20));
-    n = openHandles();
-  }
-  return n;
-}
 
 const NAMES = (drainN: number, maxRuns: number): string[] => [
   HTTP_GET,

@@ -12,3 +12,18 @@ export function captureIO(cwd: string): BenchIO & { text: () => string; errText:
     errText: () => err,
   };
 }
+
+/** Sockets, servers and child processes this test process holds. */
+export function openHandles(): number {
+  return process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap' || r === 'ProcessWrap').length;
+}
+
+/** Handles close on their next turns: give them a few. */
+export async function settledHandles(before: number): Promise<number> {
+  let n = openHandles();
+  for (let i = 0; i < 50 && n > before; i++) {
+    await new Promise((r) => setTimeout(r, 20));
+    n = openHandles();
+  }
+  return n;
+}
