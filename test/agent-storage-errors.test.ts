@@ -15,9 +15,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LocalAgent } from '../src/agent/local.ts';
 import { BackendClient } from '../src/server/client.ts';
 import { startServer, type RunningServer } from '../src/server/index.ts';
-import type { FlowRun, FlowRunState } from '../src/server/model.ts';
+import type { FlowRun } from '../src/server/model.ts';
 import type { StorageRef } from '../src/storage/types.ts';
-import { killQuietly, registerFixture, waitFor } from './fixtures/deploy/harness.ts';
+import { finishedRun, killQuietly, registerFixture } from './fixtures/deploy/harness.ts';
 
 let srv: RunningServer;
 let api: BackendClient;
@@ -26,7 +26,6 @@ let agent: LocalAgent;
 let closedPort: number;
 const spawned = new Set<number>();
 
-const FINAL: readonly FlowRunState[] = ['Success', 'Failed', 'Cancelled'];
 const HASH = 'a'.repeat(64);
 
 /** A port that was free a moment ago and that nothing listens on now. */
@@ -95,12 +94,7 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function finished(id: string): Promise<FlowRun> {
-  return waitFor(`run ${id} to finish`, async () => {
-    const r = await api.getFlowRun(id);
-    return FINAL.includes(r.state) ? r : undefined;
-  }, 40_000);
-}
+const finished = (id: string): Promise<FlowRun> => finishedRun(api, id, 40_000);
 
 const create = (flowName: string) => api.createFlowRun({ project: 'tests', flowName, parameters: {} });
 

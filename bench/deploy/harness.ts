@@ -40,7 +40,7 @@ import { executorSettings, graphSummary, parameterInfo } from '../../src/cli/dep
 import { loadFlow } from '../../src/cli/load.ts';
 import { BackendClient } from '../../src/server/client.ts';
 import { startServer, type RunningServer } from '../../src/server/index.ts';
-import type { ClaimedRun, FlowRun, FlowRunState, FlowVersion } from '../../src/server/model.ts';
+import { FINAL_FLOW_RUN_STATES, type ClaimedRun, type FlowRun, type FlowRunState, type FlowVersion } from '../../src/server/model.ts';
 import { LocalStorage } from '../../src/storage/index.ts';
 import { median, mulberry32 } from '../stats.ts';
 import type { DeployBenchOptions } from './options.ts';
@@ -107,7 +107,6 @@ const NOOP_FLOW = 'weft-bench-noop';
 /** The flow of the floors' POSTs and the claims: its runs carry a label no LocalAgent holds. */
 const CLAIM_FLOW = 'weft-bench-claim';
 const CLAIM_LABEL = 'weft-bench:claims-only';
-const FINAL: readonly FlowRunState[] = ['Success', 'Failed', 'Cancelled'];
 /** Runs created in parallel at most (as many requests in flight). */
 const CREATE_CONCURRENCY = 25;
 const SPAWN_TIMEOUT_MS = 30_000;
@@ -224,7 +223,7 @@ export async function benchDeploy(opts: DeployBenchOptions): Promise<DeployBench
     let feedClosed = false;
     unsubscribe = await api.subscribe(
       (e) => {
-        if (e.type !== 'flowRun' || !FINAL.includes(e.run.state)) return;
+        if (e.type !== 'flowRun' || !FINAL_FLOW_RUN_STATES.includes(e.run.state)) return;
         final.set(e.run.id, e.run);
         watch.notify();
       },

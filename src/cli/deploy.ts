@@ -20,6 +20,7 @@ import type { RunProgress } from '../runner/types.ts';
 import {
   BackendError,
   FINAL_FLOW_RUN_STATES,
+  FLOW_RUN_STATES,
   type Backend,
   type ExecutorSettings,
   type FlowRecord,
@@ -330,16 +331,14 @@ async function flowsCommand(args: readonly string[], io: CliIO): Promise<number>
   if (positionals.length > 0) throw new UsageError(`unexpected '${positionals.join(' ')}'`);
   const { backend } = await connectBackend(flags, io);
   const flows = await backend.listFlows(typeof flags.project === 'string' ? { project: flags.project } : {});
-  if (flags.json === true) {
-    io.stdout.write(`${JSON.stringify(flows, null, 2)}\n`);
-    return EXIT_OK;
-  }
-  if (flows.length === 0) {
-    io.stdout.write('no flows registered\n');
-    return EXIT_OK;
-  }
-  const rows = flows.map((f) => [f.project, f.name, String(f.version), scheduleText(f.schedule), new Date(f.updatedAt).toISOString(), f.id]);
-  io.stdout.write(table(['PROJECT', 'FLOW', 'VERSION', 'SCHEDULE', 'UPDATED', 'ID'], rows));
+  printList(io, flags.json === true, flows, 'no flows registered', ['PROJECT', 'FLOW', 'VERSION', 'SCHEDULE', 'UPDATED', 'ID'], (f) => [
+    f.project,
+    f.name,
+    String(f.version),
+    scheduleText(f.schedule),
+    new Date(f.updatedAt).toISOString(),
+    f.id,
+  ]);
   return EXIT_OK;
 }
 
@@ -398,17 +397,15 @@ async function runsCommand(args: readonly string[], io: CliIO): Promise<number> 
   }
 }
 
-const RUN_STATES: readonly FlowRunState[] = ['Scheduled', 'Submitted', 'Running', 'Cancelling', 'Success', 'Failed', 'Cancelled'];
-
 async function listRuns(backend: Backend, flags: Readonly<Record<string, FlagValue>>, io: CliIO): Promise<number> {
   const states = Array.isArray(flags.state) ? flags.state : [];
-  for (const s of states) if (!(RUN_STATES as readonly string[]).includes(s)) throw new UsageError(`--state must be one of ${RUN_STATES.join(', ')}, got '${s}'`);
+  for (const s of states) if (!(FLOW_RUN_STATES as readonly string[]).includes(s)) throw new UsageError(`--state must be one of ${FLOW_RUN_STATES.join(', ')}, got '${s}'`);
   let flowId: string | undefined;
   if (typeof flags.flow === 'string') {
     const project = typeof flags.project === 'string' ? flags.project : undefined;
-    const flows = (await backend.listFlows(project === undefined ? {} : { project })).filter((f) => f.name === flags.flow || f.id === flags.flow);
+    const flows = await flowsNamed(backend, flags.flow, project);
     if (flows.length === 0) throw new UsageError(`no flow named '${flags.flow}'${project !== undefined ? ` in project ${project}` : ''}`);
-    if (flows.length > 1) throw new UsageError(`flow '${flags.flow}' is in several projects (${flows.map((f) => f.project).join(', ')}): add --project`);
+    if (flows.length > 1) throw new UsageError(severalProjects(flags.flow, flows));
     flowId = flows[0]!.id;
   }
   const runs = await backend.listFlowRuns({
@@ -416,16 +413,15 @@ async function listRuns(backend: Backend, flags: Readonly<Record<string, FlagVal
     ...(states.length > 0 ? { states: states as FlowRunState[] } : {}),
     limit: typeof flags.limit === 'number' ? flags.limit : 20,
   });
-  if (flags.json === true) {
-    io.stdout.write(`${JSON.stringify(runs, null, 2)}\n`);
-    return EXIT_OK;
-  }
-  if (runs.length === 0) {
-    io.stdout.write('no runs\n');
-    return EXIT_OK;
-  }
-  const rows = runs.map((r) => [r.id, `${r.project}/${r.flowName}`, `v${r.version}`, r.state, new Date(r.scheduledStart).toISOString(), runDuration(r), r.message ?? '']);
-  io.stdout.write(table(['ID', 'FLOW', 'VERSION', 'STATE', 'SCHEDULED', 'DURATION', 'MESSAGE'], rows));
+  printList(io, flags.json === true, runs, 'no runs', ['ID', 'FLOW', 'VERSION', 'STATE', 'SCHEDULED', 'DURATION', 'MESSAGE'], (r) => [
+    r.id,
+    `${r.project}/${r.flowName}`,
+    `v${r.version}`,
+    r.state,
+    new Date(r.scheduledStart).toISOString(),
+    runDuration(r),
+    r.message ?? '',
+  ]);
   return EXIT_OK;
 }
 
@@ -669,11 +665,20 @@ function describeFeedError(err: unknown): string {
  */
 async function findFlow(backend: Backend, name: string, project: string | undefined): Promise<FlowRecord | string> {
   if (project !== undefined) return backend.getFlow({ project, name });
-  const flows = (await backend.listFlows({})).filter((f) => f.name === name || f.id === name || `${f.project}/${f.name}` === name);
+  const flows = await flowsNamed(backend, name);
   if (flows.length === 1) return flows[0]!;
-  if (flows.length > 1) return `flow '${name}' is in several projects (${flows.map((f) => f.project).join(', ')}): add --project`;
+  if (flows.length > 1) return severalProjects(name, flows);
   return `no flow named '${name}' is registered (see 'weft flows')`;
 }
+
+/** The registered flows `name` picks (a name, an id or `project/name`), within `project` when given. */
+async function flowsNamed(backend: Backend, name: string, project?: string): Promise<FlowRecord[]> {
+  const flows = await backend.listFlows(project === undefined ? {} : { project });
+  return flows.filter((f) => f.name === name || f.id === name || `${f.project}/${f.name}` === name);
+}
+
+const severalProjects = (name: string, flows: readonly FlowRecord[]): string =>
+  `flow '${name}' is in several projects (${flows.map((f) => f.project).join(', ')}): add --project`;
 
 export interface RemoteRunArgs {
   readonly flowName: string;
@@ -861,6 +866,13 @@ function progressOf(tasks: readonly TaskRun[], since: number, knownTotal: number
 }
 
 // ---- output ------------------------------------------------------------------------
+
+/** A listing: JSON with --json, else a table, or `empty` when there is nothing. */
+function printList<T>(io: CliIO, json: boolean, items: readonly T[], empty: string, header: readonly string[], row: (item: T) => readonly string[]): void {
+  if (json) io.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
+  else if (items.length === 0) io.stdout.write(`${empty}\n`);
+  else io.stdout.write(table(header, items.map(row)));
+}
 
 function table(header: readonly string[], rows: readonly (readonly string[])[]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));

@@ -21,6 +21,12 @@ export type FlowRunState =
   | 'Failed'
   | 'Cancelled';
 
+/** Every flow-run state, in the order of a run's life. */
+export const FLOW_RUN_STATES = ['Scheduled', 'Submitted', 'Running', 'Cancelling', 'Success', 'Failed', 'Cancelled'] as const satisfies readonly FlowRunState[];
+// Every flow-run state must be listed: a state added to the type fails to compile here.
+type Missing<All, Listed> = Exclude<All, Listed> extends never ? true : never;
+const _allRunStates: Missing<FlowRunState, (typeof FLOW_RUN_STATES)[number]> = true;
+
 export const FINAL_FLOW_RUN_STATES: readonly FlowRunState[] = ['Success', 'Failed', 'Cancelled'];
 
 /** How the flow's tasks execute inside the flow-run process (a Flow's `executor`). */
