@@ -182,18 +182,16 @@ export class LocalAgent extends Agent {
       WEFT_AGENT_ID: this.id ?? '',
       WEFT_OUTPUT_FORWARDED: '1',
     };
-    if (await this.handToStandby(run.id, { args, env: definedOnly(env), cwd })) {
-      // After this turn: forking the replacement (milliseconds of this thread) does not delay the hand-over.
-      setImmediate(() => this.refill());
-      return;
+    if (!(await this.handToStandby(run.id, { args, env: definedOnly(env), cwd }))) {
+      const proc = this.spawnExecute(args, cwd, env, 'ignore');
+      await new Promise<void>((ok, fail) => {
+        proc.once('spawn', ok);
+        proc.once('error', fail);
+      });
+      const child = this.adopt(proc, run.id, env, false);
+      this.children.set(child.pid, child);
     }
-    const proc = spawn(process.execPath, [...(this.local.nodeArgs ?? []), this.weftBin(), 'execute', ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
-    await new Promise<void>((ok, fail) => {
-      proc.once('spawn', ok);
-      proc.once('error', fail);
-    });
-    const child = this.adopt(proc, run.id, env, false);
-    this.children.set(child.pid, child);
+    // After this turn: forking a replacement standby (milliseconds of this thread) does not delay this run.
     setImmediate(() => this.refill());
   }
 
@@ -201,8 +199,9 @@ export class LocalAgent extends Agent {
     return this.local.cwd ?? process.cwd();
   }
 
-  private weftBin(): string {
-    return this.local.weftBin ?? WEFT_BIN;
+  /** `weft execute <args>` as a child process; stdin a pipe for standbys (their assignment). */
+  private spawnExecute(args: readonly string[], cwd: string, env: NodeJS.ProcessEnv, stdin: 'ignore' | 'pipe'): ChildProcess {
+    return spawn(process.execPath, [...(this.local.nodeArgs ?? []), this.local.weftBin ?? WEFT_BIN, 'execute', ...args], { cwd, env, stdio: [stdin, 'pipe', 'pipe'] });
   }
 
   /** The environment every run starts from: the agent's, then the `env` option. */
@@ -243,11 +242,7 @@ export class LocalAgent extends Agent {
     const want = this.local.standby ?? 0;
     while (this.pool.size < want && !this.isStopping) {
       const env = this.agentEnv();
-      const proc = spawn(process.execPath, [...(this.local.nodeArgs ?? []), this.weftBin(), 'execute', 'flow-run', '--standby'], {
-        cwd: this.baseCwd(),
-        env,
-        stdio: ['pipe', 'pipe', 'pipe'],
-      });
+      const proc = this.spawnExecute(['flow-run', '--standby'], this.baseCwd(), env, 'pipe');
       proc.stdin?.on('error', () => {}); // a standby that died: its exit is reported
       if (proc.pid === undefined) {
         proc.once('error', (err) => this.say(`cannot start a standby process: ${describe(err)}`));
