@@ -662,7 +662,8 @@ describe('cluster worker: cancel, steal, release', () => {
     link.compute(1, [call(1, key('add'), [0, 0])]);
     await link.waitOutcomes([1]); // 'add' is now measured: well under 1 ms
     const fast = Array.from({ length: 50 }, (_, i) => call(100 + i, key('add'), [i, 1]));
-    const slow = Array.from({ length: 5 }, (_, i) => call(200 + i, key('sleep'), [300]));
+    // Long enough that the first one still runs when the checks below look, on a loaded machine too.
+    const slow = Array.from({ length: 5 }, (_, i) => call(200 + i, key('sleep'), [2_000]));
     link.compute(1, [...slow, ...fast]);
     await until(() => w.metrics().executing >= 1, 'work started');
     link.send({ op: 'steal', id: 3, run: 1, tasks: [...slow, ...fast].map((c) => c.id) });
