@@ -20,6 +20,9 @@ import {
   directionsOf,
   errorFromWire,
   fromWireNode,
+  outcomesFromColumns,
+  outcomesOf,
+  outcomesToColumns,
   toWireNode,
   wireError,
   type Direction,
@@ -28,6 +31,8 @@ import {
   type Message,
   type MessageTo,
   type Op,
+  type OutcomeColumns,
+  type WireOutcome,
   type WireNode,
   type WorkerToScheduler,
 } from '../src/cluster/protocol.ts';
@@ -273,6 +278,53 @@ describe('FrameCodec round trip', () => {
     // @ts-expect-error compute travels scheduler → worker only
     const wrong: WorkerToScheduler = samples.compute;
     expect([fromWorker.op, toClient.op, wrong.op]).toEqual(['outcomes', 'taskEvents', 'compute']);
+  });
+});
+
+describe('outcomes in columns', () => {
+  const outs: WireOutcome[] = [
+    { id: 1, runId: 11, status: 'ok', startMs: 1.5e12 + 0.25, endMs: 1.5e12 + 0.75, nbytes: 1, len: -1, value: null },
+    { id: 2, runId: 12, status: 'ok', startMs: 3, endMs: 4, nbytes: 40_000, len: 3, inner: [1, 2, 0] },
+    { id: 3, runId: 13, status: 'ok', startMs: 5, endMs: 6, nbytes: 0, len: -1, value: undefined },
+    { id: 4, runId: 14, status: 'error', startMs: 7, endMs: 8, nbytes: 0, len: -1, error: wireError(new RangeError('no')) },
+    { id: 2 ** 40, runId: 15, status: 'cancelled', startMs: 0, endMs: 9, nbytes: 0, len: -1 },
+    { id: 6, runId: 16, status: 'timeout', startMs: 1, endMs: 2, nbytes: 0, len: -1 },
+    { id: 7, runId: 17, status: 'lost', startMs: 0, endMs: 3, nbytes: 0, len: -1 },
+    { id: 8, runId: 18, status: 'ok', startMs: 1, endMs: 2, nbytes: 12, len: 2, value: ['a', { b: 1 }] },
+  ];
+
+  it('round-trip through a codec: every field, an undefined inline value kept apart from no value', () => {
+    const { tx, rx } = pair({ receives: 'w2s' });
+    const [m] = rx.decode(tx.encode([{ op: 'outcomes', run: 3, outcomes: [], cols: outcomesToColumns(outs) }]));
+    const back = outcomesOf(m as Extract<Message, { op: 'outcomes' }>);
+    expect(back).toEqual(outs);
+    expect('value' in back[2]!).toBe(true);
+    expect('value' in back[1]!).toBe(false);
+    expect(back[3]!.error).toMatchObject({ name: 'RangeError', message: 'no' });
+  });
+
+  it('round-trip a batch of a thousand, in order', () => {
+    const many: WireOutcome[] = Array.from({ length: 1000 }, (_, i) => ({ id: i, runId: i, status: 'ok', startMs: 1.7e12 + i / 3, endMs: 1.7e12 + i / 2, nbytes: 1, len: -1, value: i }));
+    const { tx, rx } = pair({ receives: 'w2s' });
+    const [m] = rx.decode(tx.encode([{ op: 'outcomes', run: 1, outcomes: [], cols: outcomesToColumns(many) }]));
+    expect(outcomesOf(m as Extract<Message, { op: 'outcomes' }>)).toEqual(many);
+  });
+
+  it('refuse columns that do not fit together, naming the column', () => {
+    const good = outcomesToColumns(outs);
+    const cases: [Partial<Record<keyof OutcomeColumns, unknown>>, string][] = [
+      [{ id: [1, 2] }, '"id"'],
+      [{ endMs: new Float64Array(2) }, '"endMs"'],
+      [{ status: new Uint8Array(outs.length).fill(9) }, '"status[0]"'],
+      [{ hasValue: new Uint8Array(outs.length) }, '"values"'],
+      [{ values: [1, 2, 3, 4, 5, 6] }, '"values"'],
+      [{ extra: [{ i: 99 }] }, '"extra[].i"'],
+      [{ extra: [{ i: 0, inner: 'x' }] }, '"extra[].inner"'],
+    ];
+    for (const [change, named] of cases) {
+      const bad = { ...good, ...change } as unknown as OutcomeColumns;
+      expect(() => outcomesFromColumns(bad), named).toThrow(expect.objectContaining({ code: 'BAD_MESSAGE', message: expect.stringContaining(named) }));
+    }
   });
 });
 

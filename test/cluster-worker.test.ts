@@ -14,6 +14,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { acceptHandshake, Connection } from '../src/cluster/connection.ts';
 import type { DataMsg, HelloMsg, Message, MessageOf, Op, WireCall, WireDep, WireOutcome } from '../src/cluster/protocol.ts';
+import { outcomesOf } from '../src/cluster/protocol.ts';
 import { startWorker, type ClusterWorker, type WorkerOptions } from '../src/cluster/worker.ts';
 import { parseMemoryLimit, parseResources, workerCommand } from '../src/cli/worker.ts';
 import { packValue, unpackValue, WorkerStore } from '../src/cluster/worker-store.ts';
@@ -82,7 +83,7 @@ class Link {
   }
 
   outcomes(): WireOutcome[] {
-    return this.all('outcomes').flatMap((m) => m.outcomes);
+    return this.all('outcomes').flatMap((m) => outcomesOf(m));
   }
 
   outcome(id: number): WireOutcome | undefined {

@@ -29,7 +29,7 @@ import type { ExecutorSession, Outcome, TaskCall } from '../executor/types.ts';
 import type { GraphSpec, NodeSpec, StateHandlerFn, TaskStateName } from '../flow/spec.ts';
 import type { FlowRunResult, RunOptions } from '../runner/types.ts';
 import { buildBundle, type Bundle } from './bundle.ts';
-import { Connection, HandshakeError, openHandshake } from './connection.ts';
+import { CLIENT_SOCKET_OPTIONS, Connection, HandshakeError, openHandshake } from './connection.ts';
 import { ClusterConnectionError, logToStderr } from './errors.ts';
 
 export { ClusterConnectionError, logToStderr };
@@ -117,7 +117,7 @@ export class ClusterClient {
       ws = new WebSocket(address, {
         maxPayload: maxFrameBytes,
         handshakeTimeout: timeoutMs,
-        perMessageDeflate: false,
+        ...CLIENT_SOCKET_OPTIONS,
         ...(tls.ca !== undefined ? { ca: tls.ca } : {}),
         ...(tls.cert !== undefined ? { cert: tls.cert } : {}),
         ...(tls.key !== undefined ? { key: tls.key } : {}),

@@ -50,6 +50,21 @@ export interface ConnectionOptions {
   readonly label?: string;
 }
 
+/**
+ * Options for the connecting end of every cluster socket (worker, peer, client).
+ * WebSocket clients mask their frames so that a script in a browser cannot put chosen
+ * bytes on the wire for a caching proxy to misread. Cluster peers are programs, not
+ * browser scripts, so they use an all-zero mask, which `ws` skips on both ends: no XOR
+ * pass over every frame sent and received. No compression either: frames are msgpack of
+ * small numbers and ids, and the cost per frame matters more than its size on a LAN.
+ */
+export const CLIENT_SOCKET_OPTIONS = {
+  perMessageDeflate: false,
+  generateMask(mask: Buffer): void {
+    mask.fill(0);
+  },
+} as const;
+
 /** Counters by close reason code (`/metrics`). */
 export const closeCounts = new Map<string, number>();
 

@@ -19,7 +19,7 @@ import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { networkInterfaces } from 'node:os';
 import { WebSocket, WebSocketServer } from 'ws';
-import { Connection, acceptHandshake, openHandshake } from './connection.ts';
+import { CLIENT_SOCKET_OPTIONS, Connection, acceptHandshake, openHandshake } from './connection.ts';
 import { dispatch, ProtocolError, type DataMsg, type Handlers, type Message } from './protocol.ts';
 
 /** PEM material: `cert` + `key` make the server https/wss; `ca` verifies the other side (and makes the server ask for client certificates). */
@@ -279,6 +279,7 @@ export class PeerClients {
     const ws = new WebSocket(address, {
       maxPayload: max,
       handshakeTimeout: 10_000,
+      ...CLIENT_SOCKET_OPTIONS,
       ...(tls?.ca !== undefined ? { ca: tls.ca } : {}),
       ...(tls?.cert !== undefined ? { cert: tls.cert } : {}),
       ...(tls?.key !== undefined ? { key: tls.key } : {}),

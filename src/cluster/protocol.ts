@@ -35,7 +35,7 @@ import type {
 import type { OutcomeStatus, TaskCall } from '../executor/types.ts';
 
 /** Bumped on any incompatible change of a message or of the framing. Checked in `hello`. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /** Default and hard ceiling of one frame's size, checked before decoding. */
 export const DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024;
@@ -591,7 +591,178 @@ export interface WireOutcome {
 export interface OutcomesMsg {
   readonly op: 'outcomes';
   readonly run: number;
+  /** The outcomes as records; empty when they travel in `cols` (see `outcomesOf`). */
   readonly outcomes: readonly WireOutcome[];
+  readonly cols?: OutcomeColumns;
+}
+
+/** Outcome statuses by their number in `OutcomeColumns.status`. */
+const OUTCOME_STATUSES: readonly OutcomeStatus[] = ['ok', 'error', 'timeout', 'lost', 'cancelled'];
+const STATUS_NUMBER: Readonly<Record<OutcomeStatus, number>> = { ok: 0, error: 1, timeout: 2, lost: 3, cancelled: 4 };
+
+/**
+ * A batch of outcomes in columns. The numbers travel as typed arrays (msgpack binary
+ * extensions: one copy each, no per-number encoding), and what only some outcomes carry
+ * travels in short lists: packing a batch of thousands costs a few array copies instead
+ * of thousands of records.
+ */
+export interface OutcomeColumns {
+  readonly id: Float64Array;
+  readonly runId: Float64Array;
+  /** Index into the statuses ok, error, timeout, lost, cancelled. */
+  readonly status: Uint8Array;
+  readonly startMs: Float64Array;
+  readonly endMs: Float64Array;
+  readonly nbytes: Float64Array;
+  readonly len: Float64Array;
+  /** 1 where the outcome carries an inline value: those values, in order, are `values`. */
+  readonly hasValue: Uint8Array;
+  readonly values: readonly unknown[];
+  /** The rarer fields, by outcome index. */
+  readonly extra: readonly OutcomeExtra[];
+}
+
+export interface OutcomeExtra {
+  readonly i: number;
+  readonly error?: SerializedError;
+  readonly inner?: readonly number[];
+}
+
+/** Builds the `OutcomeColumns` of one batch an outcome at a time (a worker's outbox for one run). */
+export class OutcomeColumnsBuilder {
+  private readonly id: number[] = [];
+  private readonly runId: number[] = [];
+  private readonly status: number[] = [];
+  private readonly startMs: number[] = [];
+  private readonly endMs: number[] = [];
+  private readonly nbytes: number[] = [];
+  private readonly len: number[] = [];
+  private readonly hasValue: number[] = [];
+  private readonly values: unknown[] = [];
+  private readonly extra: OutcomeExtra[] = [];
+
+  get size(): number {
+    return this.id.length;
+  }
+
+  /** Add one outcome (`hasValue`: the value travels inline, even when it is undefined). */
+  add(
+    id: number,
+    runId: number,
+    status: OutcomeStatus,
+    startMs: number,
+    endMs: number,
+    nbytes: number,
+    len: number,
+    hasValue: boolean,
+    value: unknown,
+    error: SerializedError | undefined,
+    inner: readonly number[] | undefined,
+  ): void {
+    const i = this.id.length;
+    this.id.push(id);
+    this.runId.push(runId);
+    this.status.push(STATUS_NUMBER[status]);
+    this.startMs.push(startMs);
+    this.endMs.push(endMs);
+    this.nbytes.push(nbytes);
+    this.len.push(len);
+    this.hasValue.push(hasValue ? 1 : 0);
+    if (hasValue) this.values.push(value);
+    if (error !== undefined || inner !== undefined) {
+      const x: { i: number; error?: SerializedError; inner?: readonly number[] } = { i };
+      if (error !== undefined) x.error = error;
+      if (inner !== undefined) x.inner = inner;
+      this.extra.push(x);
+    }
+  }
+
+  addOutcome(o: WireOutcome): void {
+    this.add(o.id, o.runId, o.status, o.startMs, o.endMs, o.nbytes, o.len, 'value' in o, o.value, o.error, o.inner);
+  }
+
+  /** The columns of what was added. */
+  build(): OutcomeColumns {
+    return {
+      id: Float64Array.from(this.id),
+      runId: Float64Array.from(this.runId),
+      status: Uint8Array.from(this.status),
+      startMs: Float64Array.from(this.startMs),
+      endMs: Float64Array.from(this.endMs),
+      nbytes: Float64Array.from(this.nbytes),
+      len: Float64Array.from(this.len),
+      hasValue: Uint8Array.from(this.hasValue),
+      values: this.values,
+      extra: this.extra,
+    };
+  }
+}
+
+/** Outcome records → columns. */
+export function outcomesToColumns(outs: readonly WireOutcome[]): OutcomeColumns {
+  const b = new OutcomeColumnsBuilder();
+  for (const o of outs) b.addOutcome(o);
+  return b.build();
+}
+
+function badOutcomeColumn(field: string, expected: string): never {
+  throw new ProtocolError('BAD_MESSAGE', `outcomes: column "${field}" must be ${expected}`, { op: 'outcomes', field, expected });
+}
+
+type MutableOutcome = { -readonly [K in keyof WireOutcome]: WireOutcome[K] };
+
+/** Columns → outcome records. Throws ProtocolError BAD_MESSAGE for columns of wrong types or lengths. */
+export function outcomesFromColumns(c: OutcomeColumns): WireOutcome[] {
+  const bad = badOutcomeColumn;
+  if (typeof c !== 'object' || c === null) bad('cols', 'an object');
+  const n = c.id instanceof Float64Array ? c.id.length : bad('id', 'a Float64Array');
+  for (const f of ['runId', 'startMs', 'endMs', 'nbytes', 'len'] as const) {
+    if (!(c[f] instanceof Float64Array) || c[f].length !== n) bad(f, `a Float64Array of ${n} (as long as "id")`);
+  }
+  for (const f of ['status', 'hasValue'] as const) {
+    if (!(c[f] instanceof Uint8Array) || c[f].length !== n) bad(f, `a Uint8Array of ${n} (as long as "id")`);
+  }
+  if (!Array.isArray(c.values)) bad('values', 'an array');
+  if (!Array.isArray(c.extra)) bad('extra', 'an array');
+  const out = new Array<WireOutcome>(n);
+  let v = 0;
+  for (let i = 0; i < n; i++) {
+    const status = OUTCOME_STATUSES[c.status[i]!];
+    if (status === undefined) bad(`status[${i}]`, `a number below ${OUTCOME_STATUSES.length}`);
+    const o: MutableOutcome = {
+      id: c.id[i]!,
+      runId: c.runId[i]!,
+      status: status as OutcomeStatus,
+      startMs: c.startMs[i]!,
+      endMs: c.endMs[i]!,
+      nbytes: c.nbytes[i]!,
+      len: c.len[i]!,
+    };
+    if (c.hasValue[i] === 1) {
+      if (v >= c.values.length) bad('values', 'one value for each 1 in "hasValue"');
+      o.value = c.values[v++];
+    }
+    out[i] = o;
+  }
+  if (v !== c.values.length) bad('values', 'one value for each 1 in "hasValue"');
+  for (const x of c.extra) {
+    if (typeof x !== 'object' || x === null || !Number.isInteger(x.i) || x.i < 0 || x.i >= n) bad('extra[].i', `an outcome index below ${n}`);
+    const o = out[x.i] as MutableOutcome;
+    if (x.error !== undefined) {
+      if (typeof x.error !== 'object' || x.error === null) bad('extra[].error', 'an error record');
+      o.error = x.error;
+    }
+    if (x.inner !== undefined) {
+      if (!Array.isArray(x.inner)) bad('extra[].inner', 'an array');
+      o.inner = x.inner;
+    }
+  }
+  return out;
+}
+
+/** The outcomes of a message, whichever form they travelled in. */
+export function outcomesOf(m: OutcomesMsg): readonly WireOutcome[] {
+  return m.cols !== undefined ? outcomesFromColumns(m.cols) : m.outcomes;
 }
 
 /** The worker's capacity changed (memory pause: 0; resume: slots × saturation). Absolute, not a delta. */
@@ -845,7 +1016,7 @@ const SPEC = {
     dirs: ['s2w'],
     fields: { run: 'int', modules: 'array', bundle: 'string', calls: 'array', cols: 'object?', peers: 'object?', flowName: 'string?', parameters: 'object?' },
   },
-  outcomes: { dirs: ['w2s'], fields: { run: 'int', outcomes: 'array' } },
+  outcomes: { dirs: ['w2s'], fields: { run: 'int', outcomes: 'array', cols: 'object?' } },
   credits: { dirs: ['w2s'], fields: { credits: 'int' } },
   cancelTasks: { dirs: ['s2w'], fields: { run: 'int', tasks: 'array' } },
   release: { dirs: ['s2w'], fields: { keys: 'array' } },

@@ -28,6 +28,7 @@ import {
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
   GraphDecoder,
+  outcomesOf,
   ProtocolError,
   STATE_ORDER,
   wireError,
@@ -315,7 +316,7 @@ export class SchedulerServer {
     const handlers: Handlers<'w2s'> = {
       hello: () => this.unexpected('hello'),
       proof: () => this.unexpected('proof'),
-      outcomes: (m) => this.fleet.outcomes(w, m.run, m.outcomes),
+      outcomes: (m) => this.fleet.outcomes(w, m.run, outcomesOf(m)),
       credits: (m) => this.fleet.setCredits(w, Math.max(0, m.credits)),
       whoHas: (m) => {
         const holders: string[][] = [];

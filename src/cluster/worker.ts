@@ -39,18 +39,17 @@ import { WebSocket } from 'ws';
 import { CancelledError, TaskSerializationError, WeftError, WorkerLostError, type SerializedError } from '../errors.ts';
 import { LocalExecutor } from '../executor/local.ts';
 import { PoolExecutor } from '../executor/pool.ts';
-import { resolveTask } from '../executor/pool-tasks.ts';
+import type { TaskFn } from '../executor/pool-tasks.ts';
 import type { Executor, ExecutorSession, Outcome, OutcomeStatus, TaskCall } from '../executor/types.ts';
-import { context, type TaskContext } from '../flow/context.ts';
-import { getTask, registerTask } from '../flow/registry.ts';
 import { BundleCache, defaultBundleDir } from './bundle.ts';
-import { Connection, openHandshake } from './connection.ts';
+import { CLIENT_SOCKET_OPTIONS, Connection, openHandshake } from './connection.ts';
 import { PeerClients, PeerServer, type DataReply, type PeerTls } from './peer.ts';
 import {
   dataKey,
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
   fromColumns,
+  OutcomeColumnsBuilder,
   ProtocolError,
   wireError,
   type AcquireMsg,
@@ -122,6 +121,8 @@ function primitiveBytes(v: unknown): number {
 }
 
 const FAST_TASK_MS = 1;
+/** `outcomes` messages carry their outcomes in columns. */
+const NO_OUTCOMES: readonly WireOutcome[] = Object.freeze([]);
 /** Estimated work (ms per thread) handed to the executor at once for short tasks (see `handLimit`). */
 const HANDED_MS = 2;
 /** Weight of a new duration sample in the per-task moving average. */
@@ -241,8 +242,13 @@ interface RunState {
   /** Ready calls FIFO from `head`; entries that left 'ready' (stolen, cancelled) are skipped. */
   queue: WorkCall[];
   head: number;
-  /** Executing calls by node key and map index: attributes task console output (inline mode). */
-  readonly byNode: Map<string, WorkCall>;
+  /** The worker that runs it (task console output goes to its connection). */
+  readonly core: WorkerCore;
+}
+
+/** What an inline executor is handed: the call, and the worker's record of it (console capture). */
+interface InlineCall extends TaskCall {
+  readonly wc: WorkCall;
 }
 
 /**
@@ -300,7 +306,6 @@ class RecentMap<V> {
 }
 
 type Resolve = (bytes: Uint8Array | undefined) => void;
-type Mutable<T> = { -readonly [K in keyof T]: T[K] };
 
 /** `{ value }` boxes: a result may itself be `undefined`. */
 interface Box {
@@ -342,10 +347,13 @@ class WorkerCore {
   private readonly runs = new Map<number, RunState>();
   /** Producer key → ahead consumers (call and the dep it waits for) on this worker. */
   private readonly waiters = new Map<string, { wc: WorkCall; dep: WireDep }[]>();
-  /** Small results sent inline and not held, kept briefly for ahead consumers that arrive after their producer ended. */
-  private readonly recentOk = new RecentMap<Box>(4096, 16 * 1024 * 1024);
-  /** Non-ok endings, kept briefly: an ahead consumer arriving after its producer failed is dropped at once. */
-  private readonly recentFailed = new RecentMap<OutcomeStatus>(4096);
+  /**
+   * What calls that ended here left, kept briefly, for ahead consumers that arrive after
+   * their producer ended: small results sent inline and not held (boxed), and non-ok
+   * endings (the status: such a consumer is dropped at once). One map, not two: every
+   * call accepted and ended touches it.
+   */
+  private readonly recent = new RecentMap<Box | OutcomeStatus>(8192, 16 * 1024 * 1024);
   /** Fetched inputs, kept briefly for the next consumer (never advertised). */
   private readonly fetched = new RecentMap<Box>(256, 32 * 1024 * 1024);
   /** Fetches in flight by key (one per key, shared by every waiting consumer). */
@@ -365,7 +373,7 @@ class WorkerCore {
   private readonly bundleRequests = new Map<number, { resolve: (code: Uint8Array) => void; reject: (err: Error) => void; timer: NodeJS.Timeout }>();
 
   // Outgoing batches.
-  private readonly outbox = new Map<number, WireOutcome[]>();
+  private readonly outbox = new Map<number, OutcomeColumnsBuilder>();
   private outboxScheduled = false;
   private logBuf: LogRecord[] = [];
   private logScheduled = false;
@@ -508,6 +516,7 @@ class WorkerCore {
         ws = new WebSocket(this.url, {
           maxPayload: DEFAULT_MAX_FRAME_BYTES,
           handshakeTimeout: 10_000,
+          ...CLIENT_SOCKET_OPTIONS,
           ...(tls?.ca !== undefined ? { ca: tls.ca } : {}),
           ...(tls?.cert !== undefined ? { cert: tls.cert } : {}),
           ...(tls?.key !== undefined ? { key: tls.key } : {}),
@@ -611,8 +620,7 @@ class WorkerCore {
     for (const rs of this.runs.values()) this.disposeRun(rs);
     this.runs.clear();
     this.store.clear();
-    this.recentOk.clear();
-    this.recentFailed.clear();
+    this.recent.clear();
     this.fetched.clear();
     this.inflight.clear();
     this.peerAddrs.clear();
@@ -735,13 +743,13 @@ class WorkerCore {
   }
 
   private openRun(run: number, modules: readonly string[], flowName: string, params: Readonly<Record<string, unknown>>, bundle: string): RunState {
-    // A fresh object per run: console capture finds the run from it.
     const parameters = { ...params };
-    runOfParameters.set(parameters, { worker: this, run });
     // Inline mode yields every millisecond: outcomes stream back (and credits return)
-    // while the rest of a deep queue runs.
-    const executor: Executor = this.threads === 1 ? new LocalExecutor({ sliceMs: 1 }) : new PoolExecutor({ threads: this.threads });
-    const rs: RunState = { run, executor, status: 'starting', startError: null, queue: [], head: 0, byNode: new Map() };
+    // while the rest of a deep queue runs. Each call runs in a console-capture scope
+    // naming it (see `runCaptured`).
+    const executor: Executor =
+      this.threads === 1 ? new LocalExecutor({ sliceMs: 1, ...(this.captures ? { around: runCaptured } : {}) }) : new PoolExecutor({ threads: this.threads });
+    const rs: RunState = { run, executor, status: 'starting', startError: null, queue: [], head: 0, core: this };
     this.runs.set(run, rs);
     const gen = this.gen;
     const session = (mods: readonly string[]): ExecutorSession => ({
@@ -804,8 +812,7 @@ class WorkerCore {
     const wc: WorkCall = { key, rs, call: c, state: 'fetching', missing: 0 };
     this.calls.set(key, wc);
     // A new attempt: what an earlier one left behind no longer says anything.
-    this.recentFailed.delete(key);
-    this.recentOk.delete(key);
+    this.recent.delete(key);
     const deps = c.deps;
     if (deps !== undefined) {
       for (let i = 0; i < deps.length; i++) {
@@ -829,7 +836,8 @@ class WorkerCore {
       this.fill(wc, dep, now.value);
       return;
     }
-    const known = this.recentOk.get(dep.key) ?? this.fetched.get(dep.key);
+    const recent = this.recent.get(dep.key);
+    const known = typeof recent === 'object' ? recent : this.fetched.get(dep.key);
     if (known !== undefined) {
       this.fill(wc, dep, known.value);
       return;
@@ -844,9 +852,8 @@ class WorkerCore {
         else list.push({ wc, dep });
         return;
       }
-      const failed = this.recentFailed.get(dep.key);
-      if (failed !== undefined) {
-        this.endCall(wc, 'cancelled', aheadDropped(wc, dep.key, failed));
+      if (recent !== undefined) {
+        this.endCall(wc, 'cancelled', aheadDropped(wc, dep.key, recent as OutcomeStatus));
         return;
       }
       // Its producer ended here and nothing is left of it: the scheduler may know it.
@@ -1046,19 +1053,26 @@ class WorkerCore {
       let free = rs.executor.freeSlots();
       let batch: TaskCall[] | null = null;
       let handed: WorkCall[] | null = null;
+      // Durations do not change inside this loop: one limit per run of equal task keys.
+      let limitKey = '';
+      let limit = 0;
       while (rs.head < q.length && free > 0) {
         const wc = q[rs.head] as WorkCall;
         if (wc.state !== 'ready' || this.calls.get(wc.key) !== wc) {
           rs.head++;
           continue;
         }
-        if (this.executing >= this.handLimit(wc.call.taskKey)) break;
+        const tk = wc.call.taskKey;
+        if (tk !== limitKey) {
+          limitKey = tk;
+          limit = this.handLimit(tk);
+        }
+        if (this.executing >= limit) break;
         rs.head++;
         wc.state = 'executing';
         this.executing++;
         free--;
-        if (this.captures) rs.byNode.set(nodeId(wc.call.key, wc.call.mapIndex), wc);
-        (batch ??= []).push(this.taskCall(wc.call));
+        (batch ??= []).push(this.taskCall(wc));
         (handed ??= []).push(wc);
       }
       if (rs.head === q.length) {
@@ -1083,11 +1097,29 @@ class WorkerCore {
   }
 
   /** The executor's view of a call: no deps, and in inline mode the capturing wrapper's key. */
-  private taskCall(c: WireCall): TaskCall {
+  /** The executor's view of a call (no deps); inline, with the worker's record of it for console capture. */
+  private taskCall(wc: WorkCall): TaskCall {
+    const c = wc.call;
+    if (this.captures) {
+      const ic: InlineCall = {
+        id: c.id,
+        runId: c.runId,
+        taskKey: c.taskKey,
+        key: c.key,
+        args: c.args,
+        timeoutMs: c.timeoutMs,
+        mapIndex: c.mapIndex,
+        attempt: c.attempt,
+        loopCount: c.loopCount,
+        loopResult: c.loopResult,
+        wc,
+      };
+      return ic;
+    }
     return {
       id: c.id,
       runId: c.runId,
-      taskKey: this.captures ? captureKey(c.taskKey) : c.taskKey,
+      taskKey: c.taskKey,
       key: c.key,
       args: c.args,
       timeoutMs: c.timeoutMs,
@@ -1096,11 +1128,6 @@ class WorkerCore {
       loopCount: c.loopCount,
       loopResult: c.loopResult,
     };
-  }
-
-  /** For console capture: the call of `run` executing node `key` at `mapIndex`. */
-  callOf(run: number, key: string, mapIndex: number): WorkCall | undefined {
-    return this.runs.get(run)?.byNode.get(nodeId(key, mapIndex));
   }
 
   // ---- outcomes -------------------------------------------------------------------
@@ -1161,35 +1188,24 @@ class WorkerCore {
         }
         if (c.ret === true || nbytes <= this.inlineBytes) {
           inline = true;
-          this.recentOk.set(wc.key, { value: v }, nbytes);
-        } else if (bytes === PRIMITIVE) {
-          this.store.putString(wc.key, v as string); // big strings are packed only if they must travel
+          this.recent.set(wc.key, { value: v }, nbytes);
         } else {
-          this.store.put(wc.key, bytes, v);
+          this.recent.delete(wc.key);
+          if (bytes === PRIMITIVE) this.store.putString(wc.key, v as string); // big strings are packed only if they must travel
+          else this.store.put(wc.key, bytes, v);
         }
-        this.recentFailed.delete(wc.key);
         this.wakeWaiters(wc.key, v);
       }
     }
     if (status !== 'ok') this.dropWaiters(wc.key, status);
-    // Optional fields assigned, not spread: this runs once per call.
-    const out: Mutable<WireOutcome> = { id: c.id, runId: c.runId, status, startMs: o.startMs, endMs: o.endMs, nbytes, len };
-    if (inner !== undefined) out.inner = inner;
-    if (inline) out.value = o.value;
-    if (error !== undefined) out.error = error;
-    this.emitOutcome(wc.rs.run, out);
+    // Straight into the run's outgoing columns: no record per call.
+    this.outboxFor(wc.rs.run)?.add(c.id, c.runId, status, o.startMs, o.endMs, nbytes, len, inline, o.value, error, inner);
   }
 
   /** Remove a call from the tables (not its waiters). */
   private forget(wc: WorkCall): void {
     if (this.calls.get(wc.key) === wc) this.calls.delete(wc.key);
-    if (wc.state === 'executing') {
-      this.executing--;
-      if (this.captures) {
-        const node = nodeId(wc.call.key, wc.call.mapIndex);
-        if (wc.rs.byNode.get(node) === wc) wc.rs.byNode.delete(node);
-      }
-    }
+    if (wc.state === 'executing') this.executing--;
   }
 
   /** End a call that did not go through the executor's outcome (or whose executor is gone). */
@@ -1225,7 +1241,7 @@ class WorkerCore {
 
   /** The producer of `key` ended without a result (or left): its ahead consumers here end 'cancelled'. */
   private dropWaiters(key: string, status: OutcomeStatus | 'stolen'): void {
-    if (status !== 'stolen') this.recentFailed.set(key, status);
+    if (status !== 'stolen') this.recent.set(key, status);
     const list = this.waiters.get(key);
     if (list === undefined) return;
     this.waiters.delete(key);
@@ -1233,17 +1249,22 @@ class WorkerCore {
   }
 
   private emitOutcome(run: number, out: WireOutcome): void {
-    if (this.conn === null) return;
-    const list = this.outbox.get(run);
-    if (list === undefined) this.outbox.set(run, [out]);
-    else list.push(out);
-    if (this.outboxScheduled) return;
+    this.outboxFor(run)?.addOutcome(out);
+  }
+
+  /** The outgoing outcomes of `run`, with a flush scheduled; null while disconnected (they would be dropped). */
+  private outboxFor(run: number): OutcomeColumnsBuilder | null {
+    if (this.conn === null) return null;
+    let b = this.outbox.get(run);
+    if (b === undefined) this.outbox.set(run, (b = new OutcomeColumnsBuilder()));
+    if (this.outboxScheduled) return b;
     this.outboxScheduled = true;
     setImmediate(() => {
       if (!this.outboxScheduled) return; // flushed at the end of a frame meanwhile
       this.outboxScheduled = false;
       this.flushOutbox();
     });
+    return b;
   }
 
   /** One `outcomes` message per run; what the batcher refuses waits for its drain. */
@@ -1255,8 +1276,8 @@ class WorkerCore {
     }
     // A task's console lines go ahead of its outcome, so its owner sees them before the result.
     if (this.logBuf.length > 0) this.flushLogs();
-    for (const [run, outcomes] of this.outbox) {
-      if (!conn.send({ op: 'outcomes', run, outcomes })) return;
+    for (const [run, b] of this.outbox) {
+      if (!conn.send({ op: 'outcomes', run, outcomes: NO_OUTCOMES, cols: b.build() })) return;
       this.outbox.delete(run);
     }
     // Already a turn after the outcomes: write now rather than one more turn later.
@@ -1310,7 +1331,7 @@ class WorkerCore {
     }
     this.store.delete(key);
     this.fetched.delete(key);
-    this.recentOk.delete(key);
+    this.recent.delete(key);
   }
 
   /** The scheduler is done with a run: drop its results, end its calls, stop its executor. */
@@ -1318,14 +1339,13 @@ class WorkerCore {
     const prefix = `${run}:`;
     this.store.deletePrefix(prefix);
     this.fetched.deletePrefix(prefix);
-    this.recentOk.deletePrefix(prefix);
-    this.recentFailed.deletePrefix(prefix);
+    this.recent.deletePrefix(prefix);
     const rs = this.runs.get(run);
     if (rs === undefined) return;
     for (const wc of [...this.calls.values()]) {
       if (wc.rs === rs) this.endCall(wc, 'cancelled', wireError(new CancelledError(`task "${wc.call.key}": run ${run} was released`)));
     }
-    this.recentFailed.deletePrefix(prefix);
+    this.recent.deletePrefix(prefix);
     this.runs.delete(run);
     this.disposeRun(rs);
     this.checkRetired();
@@ -1336,7 +1356,6 @@ class WorkerCore {
     rs.status = 'disposed';
     rs.queue = [];
     rs.head = 0;
-    rs.byNode.clear();
     rs.executor.shutdown().catch((err: unknown) => this.log(`run ${rs.run}: executor shutdown failed: ${(err as Error).message}`));
   }
 
@@ -1571,10 +1590,6 @@ function positiveInt(n: number, what: string): number {
   return n;
 }
 
-function nodeId(key: string, mapIndex: number): string {
-  return `${key}\u0000${mapIndex}`;
-}
-
 function resolveAll(waiters: Map<string, Resolve[]>): void {
   for (const list of waiters.values()) for (const r of list) r(undefined);
   waiters.clear();
@@ -1619,35 +1634,38 @@ function applyDep(call: WireCall, dep: WireDep, value: unknown): void {
 }
 
 const isInt = (v: unknown): v is number => Number.isInteger(v);
+const isString = (v: unknown): v is string => typeof v === 'string';
 
 /** Check the fields of a call beyond what the op table checks; a bad one breaks the protocol. */
+/** (A function of its own, not a closure made per call: `checkCall` runs once per call received.) */
+function badCallField(i: number, field: string, expected: string): never {
+  throw new ProtocolError('BAD_MESSAGE', `compute: call ${i}: field "${field}" must be ${expected}`, { op: 'compute', field, expected });
+}
+
 function checkCall(raw: unknown, i: number): WireCall {
-  const bad = (field: string, expected: string): never => {
-    throw new ProtocolError('BAD_MESSAGE', `compute: call ${i}: field "${field}" must be ${expected}`, { op: 'compute', field, expected });
-  };
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) bad('(call)', 'an object');
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) badCallField(i, '(call)', 'an object');
   const c = raw as Record<string, unknown>;
-  if (!isInt(c.id)) bad('id', 'int');
-  if (!isInt(c.runId)) bad('runId', 'int');
-  if (typeof c.taskKey !== 'string') bad('taskKey', 'string');
-  if (typeof c.key !== 'string') bad('key', 'string');
-  if (!Array.isArray(c.args)) bad('args', 'array');
-  if (typeof c.timeoutMs !== 'number') bad('timeoutMs', 'number');
-  if (!isInt(c.mapIndex)) bad('mapIndex', 'int');
-  if (!isInt(c.attempt)) bad('attempt', 'int');
-  if (!isInt(c.loopCount)) bad('loopCount', 'int');
-  if (c.ret !== undefined && typeof c.ret !== 'boolean') bad('ret', 'boolean');
+  if (!isInt(c.id)) badCallField(i, 'id', 'int');
+  if (!isInt(c.runId)) badCallField(i, 'runId', 'int');
+  if (typeof c.taskKey !== 'string') badCallField(i, 'taskKey', 'string');
+  if (typeof c.key !== 'string') badCallField(i, 'key', 'string');
+  if (!Array.isArray(c.args)) badCallField(i, 'args', 'array');
+  if (typeof c.timeoutMs !== 'number') badCallField(i, 'timeoutMs', 'number');
+  if (!isInt(c.mapIndex)) badCallField(i, 'mapIndex', 'int');
+  if (!isInt(c.attempt)) badCallField(i, 'attempt', 'int');
+  if (!isInt(c.loopCount)) badCallField(i, 'loopCount', 'int');
+  if (c.ret !== undefined && typeof c.ret !== 'boolean') badCallField(i, 'ret', 'boolean');
   if (c.deps !== undefined) {
-    if (!Array.isArray(c.deps)) bad('deps', 'array');
+    if (!Array.isArray(c.deps)) badCallField(i, 'deps', 'array');
     for (const d of c.deps as unknown[]) {
-      if (typeof d !== 'object' || d === null) bad('deps[]', 'an object');
+      if (typeof d !== 'object' || d === null) badCallField(i, 'deps[]', 'an object');
       const dep = d as Record<string, unknown>;
-      if (typeof dep.key !== 'string') bad('deps[].key', 'string');
-      if (!Array.isArray(dep.holders) || !dep.holders.every((h) => typeof h === 'string')) bad('deps[].holders', 'array of strings');
-      if (typeof dep.nbytes !== 'number') bad('deps[].nbytes', 'number');
-      if (!isInt(dep.arg) || dep.arg < 0) bad('deps[].arg', 'int >= 0');
-      if (!isInt(dep.index) || dep.index < -1) bad('deps[].index', 'int >= -1');
-      if (dep.path !== undefined && (!Array.isArray(dep.path) || !dep.path.every(isInt))) bad('deps[].path', 'array of ints');
+      if (typeof dep.key !== 'string') badCallField(i, 'deps[].key', 'string');
+      if (!Array.isArray(dep.holders) || !dep.holders.every(isString)) badCallField(i, 'deps[].holders', 'array of strings');
+      if (typeof dep.nbytes !== 'number') badCallField(i, 'deps[].nbytes', 'number');
+      if (!isInt(dep.arg) || dep.arg < 0) badCallField(i, 'deps[].arg', 'int >= 0');
+      if (!isInt(dep.index) || dep.index < -1) badCallField(i, 'deps[].index', 'int >= -1');
+      if (dep.path !== undefined && (!Array.isArray(dep.path) || !dep.path.every(isInt))) badCallField(i, 'deps[].path', 'array of ints');
     }
   }
   return raw as WireCall;
@@ -1656,31 +1674,26 @@ function checkCall(raw: unknown, i: number): WireCall {
 // ---- console capture (inline mode) -------------------------------------------------------
 
 /**
- * Task console output in inline mode (LocalExecutor, this thread). Calls are handed to
- * the executor under a wrapper task key (`weft-capture:<key>`) whose function finds the
- * call from the task context the executor set (run from its parameters object, node
- * key, map index), then runs the task inside an AsyncLocalStorage scope naming it. The
- * console methods, patched once per process while a capturing worker lives, send what
- * is written inside such a scope to that worker, and pass everything else through.
- * The scope follows the task across its awaits, so async tasks are captured too.
+ * Task console output in inline mode (LocalExecutor, this thread). The executor runs
+ * each call through `runCaptured`, inside an AsyncLocalStorage scope whose store is the
+ * worker's record of the call (handed over with it, so nothing is looked up per call).
+ * The console methods, patched once per process while a capturing worker lives, send
+ * what is written inside such a scope to that call's worker, and pass everything else
+ * through. The scope follows the task across its awaits, so async tasks are captured too.
  *
  * Pool threads (threads > 1) have consoles of their own that this does not reach:
  * their output goes to the worker process's stdout/stderr, uncaptured.
  */
-interface Capture {
-  readonly worker: WorkerCore;
-  readonly wc: WorkCall;
-}
-
-const captureStore = new AsyncLocalStorage<Capture | null>();
-/** Each run's parameters object (what `context().parameters` is in its tasks) → its worker and run. */
-const runOfParameters = new WeakMap<object, { readonly worker: WorkerCore; readonly run: number }>();
-const CAPTURE_PREFIX = 'weft-capture:';
+const captureStore = new AsyncLocalStorage<WorkCall | null>();
 const capturing = new Set<WorkerCore>();
-const wrapped = new Set<string>();
 type ConsoleMethod = 'log' | 'info' | 'warn' | 'error' | 'debug';
 const LEVELS: Readonly<Record<ConsoleMethod, LogRecord['level']>> = { log: 'info', info: 'info', warn: 'warn', error: 'error', debug: 'debug' };
 let originals: Record<ConsoleMethod, (...args: unknown[]) => void> | null = null;
+
+/** The inline executor's `around`: run the call in a capture scope naming it. */
+function runCaptured(call: TaskCall, fn: TaskFn, args: unknown[]): unknown {
+  return captureStore.run((call as InlineCall).wc, fn, ...args);
+}
 
 function captureConsole(w: WorkerCore): void {
   capturing.add(w);
@@ -1691,15 +1704,15 @@ function captureConsole(w: WorkerCore): void {
     saved[m] = orig;
     const level = LEVELS[m];
     console[m] = function (this: unknown, ...args: unknown[]): void {
-      const c = captureStore.getStore();
-      if (c != null && capturing.has(c.worker)) {
+      const wc = captureStore.getStore();
+      if (wc != null && capturing.has(wc.rs.core)) {
         let msg: string | null = null;
         try {
           msg = format(...args);
         } catch {
           msg = null; // an argument whose inspection throws: print it the usual way
         }
-        if (msg !== null && c.worker.captureLog(level, msg, c.wc)) return;
+        if (msg !== null && wc.rs.core.captureLog(level, msg, wc)) return;
       }
       orig.apply(console, args);
     };
@@ -1712,33 +1725,4 @@ function releaseConsole(w: WorkerCore): void {
   if (capturing.size > 0 || originals === null) return;
   for (const m of Object.keys(LEVELS) as ConsoleMethod[]) console[m] = originals[m];
   originals = null;
-}
-
-/** The wrapper key for `taskKey`, registering the wrapper on first use; the key itself when the task is unknown (the executor reports it). */
-function captureKey(taskKey: string): string {
-  const key = CAPTURE_PREFIX + taskKey;
-  if (wrapped.has(key)) return key;
-  const def = getTask(taskKey);
-  if (def === undefined) return taskKey;
-  const fn = (...args: unknown[]): unknown => {
-    // Looked up per call: a re-evaluated module replaces the definition.
-    const real = getTask(taskKey)?.fn ?? resolveTask(taskKey, 'this worker');
-    let target: Capture | null = null;
-    let ctx: TaskContext | null = null;
-    try {
-      ctx = context();
-    } catch {
-      ctx = null;
-    }
-    // The run's parameters object is unique to it (see `openRun`): it names worker and run.
-    const owner = ctx !== null ? runOfParameters.get(ctx.parameters) : undefined;
-    if (ctx !== null && owner !== undefined && capturing.has(owner.worker)) {
-      const wc = owner.worker.callOf(owner.run, ctx.key, ctx.mapIndex);
-      if (wc !== undefined) target = { worker: owner.worker, wc };
-    }
-    return captureStore.run(target, real, ...args);
-  };
-  registerTask({ ...def, key, fn });
-  wrapped.add(key);
-  return key;
 }

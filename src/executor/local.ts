@@ -31,6 +31,13 @@ export interface LocalExecutorOptions {
    * it so that outcomes stream back while the rest of a deep queue runs.
    */
   sliceMs?: number;
+  /**
+   * Runs every call: `around(call, fn, args)` must call `fn(...args)` once and return
+   * what it returns (or throw what it throws). For a host that gives each task a scope
+   * of its own, such as a cluster worker attributing console output to the task that
+   * wrote it. Default: `fn(...args)` directly.
+   */
+  around?: (call: TaskCall, fn: TaskFn, args: unknown[]) => unknown;
 }
 
 type Mutable<T> = { -readonly [K in keyof T]: T[K] };
@@ -53,6 +60,7 @@ export class LocalExecutor implements Executor {
   readonly workers = 1;
   private readonly capacity: number;
   private readonly sliceMs: number;
+  private readonly around: ((call: TaskCall, fn: TaskFn, args: unknown[]) => unknown) | null;
   /** The last drain stopped at its time slice with calls still queued. */
   private sliced = false;
   private session: ExecutorSession | null = null;
@@ -86,6 +94,7 @@ export class LocalExecutor implements Executor {
 
   constructor(options: LocalExecutorOptions = {}) {
     this.sliceMs = options.sliceMs ?? 0;
+    this.around = options.around ?? null;
     const n = options.batchSize ?? 1024;
     if (!Number.isInteger(n) || n < 1) throw new RangeError(`LocalExecutor: batchSize must be a positive integer, got ${String(n)}`);
     this.capacity = n;
@@ -221,6 +230,7 @@ export class LocalExecutor implements Executor {
   private drainOnce(): void {
     const q = this.queue;
     const ctx = this.ctx!;
+    const around = this.around;
     let t0 = performance.now();
     const sliceEnd = this.sliceMs > 0 ? t0 + this.sliceMs : Infinity;
     while (this.running === null && this.head < q.length && !this.closed) {
@@ -250,7 +260,7 @@ export class LocalExecutor implements Executor {
       let value: unknown;
       let failed = false;
       try {
-        value = fn(...c.args);
+        value = around === null ? fn(...c.args) : around(c, fn, c.args);
       } catch (err) {
         failed = true;
         value = err;
