@@ -307,6 +307,20 @@ class RecentMap<V> {
 
 type Resolve = (bytes: Uint8Array | undefined) => void;
 
+/** How `recent` keeps a call that ended without a result: its status (one instance per status). */
+class Ended {
+  constructor(readonly status: OutcomeStatus) {}
+}
+const ENDED: Readonly<Record<OutcomeStatus, Ended>> = {
+  ok: new Ended('ok'),
+  error: new Ended('error'),
+  timeout: new Ended('timeout'),
+  lost: new Ended('lost'),
+  cancelled: new Ended('cancelled'),
+};
+/** How `recent` keeps a result that is `undefined` (a RecentMap value never is). */
+const UNDEFINED_RESULT = Symbol('undefined result');
+
 /** `{ value }` boxes: a result may itself be `undefined`. */
 interface Box {
   readonly value: unknown;
@@ -350,10 +364,11 @@ class WorkerCore {
   /**
    * What calls that ended here left, kept briefly, for ahead consumers that arrive after
    * their producer ended: small results sent inline and not held (boxed), and non-ok
-   * endings (the status: such a consumer is dropped at once). One map, not two: every
-   * call accepted and ended touches it.
+   * endings (an `Ended`: such a consumer is dropped at once). One map, not two, and
+   * results unboxed (`UNDEFINED_RESULT` stands for undefined): every call accepted and
+   * ended touches it.
    */
-  private readonly recent = new RecentMap<Box | OutcomeStatus>(8192, 16 * 1024 * 1024);
+  private readonly recent = new RecentMap<unknown>(8192, 16 * 1024 * 1024);
   /** Fetched inputs, kept briefly for the next consumer (never advertised). */
   private readonly fetched = new RecentMap<Box>(256, 32 * 1024 * 1024);
   /** Fetches in flight by key (one per key, shared by every waiting consumer). */
@@ -361,7 +376,7 @@ class WorkerCore {
   /** Peer addresses by worker id (accumulated from `compute.peers`). */
   private readonly peerAddrs = new Map<string, string>();
   /** Duration moving average per task key (ms). */
-  private readonly durations = new Map<string, number>();
+  private readonly durations = new Map<string, { ms: number }>();
 
   // Relay (getData to the scheduler).
   private relayQueued = new Map<string, Resolve[]>();
@@ -837,7 +852,11 @@ class WorkerCore {
       return;
     }
     const recent = this.recent.get(dep.key);
-    const known = typeof recent === 'object' ? recent : this.fetched.get(dep.key);
+    if (recent !== undefined && !(recent instanceof Ended)) {
+      this.fill(wc, dep, recent === UNDEFINED_RESULT ? undefined : recent);
+      return;
+    }
+    const known = this.fetched.get(dep.key);
     if (known !== undefined) {
       this.fill(wc, dep, known.value);
       return;
@@ -852,8 +871,8 @@ class WorkerCore {
         else list.push({ wc, dep });
         return;
       }
-      if (recent !== undefined) {
-        this.endCall(wc, 'cancelled', aheadDropped(wc, dep.key, recent as OutcomeStatus));
+      if (recent instanceof Ended) {
+        this.endCall(wc, 'cancelled', aheadDropped(wc, dep.key, recent.status));
         return;
       }
       // Its producer ended here and nothing is left of it: the scheduler may know it.
@@ -1033,7 +1052,7 @@ class WorkerCore {
    * key whose calls vary in length) strands at most a couple of milliseconds of work.
    */
   private handLimit(taskKey: string): number {
-    const d = this.durations.get(taskKey);
+    const d = this.durations.get(taskKey)?.ms;
     if (d === undefined || d >= FAST_TASK_MS) return this.threads;
     return this.threads * Math.max(1, Math.ceil(HANDED_MS / Math.max(d, 0.0005)));
   }
@@ -1134,6 +1153,9 @@ class WorkerCore {
 
   private onOutcomes(rs: RunState, outs: Outcome[]): void {
     if (rs.status === 'disposed') return;
+    // The moving average of the last task key seen, updated in place (outcomes come in runs of one key).
+    let avgKey = '';
+    let avg: { ms: number } | undefined;
     for (const o of outs) {
       const key = dataKey(rs.run, o.id);
       const wc = this.calls.get(key);
@@ -1141,8 +1163,13 @@ class WorkerCore {
       if (wc === undefined || wc.state !== 'executing' || wc.call.runId !== o.runId) continue;
       if ((o.status === 'ok' || o.status === 'error') && o.startMs > 0 && o.endMs >= o.startMs) {
         const d = o.endMs - o.startMs;
-        const prev = this.durations.get(wc.call.taskKey);
-        this.durations.set(wc.call.taskKey, prev === undefined ? d : prev + EMA * (d - prev));
+        const tk = wc.call.taskKey;
+        if (tk !== avgKey || avg === undefined) {
+          avgKey = tk;
+          avg = this.durations.get(tk);
+        }
+        if (avg === undefined) this.durations.set(tk, (avg = { ms: d }));
+        else avg.ms += EMA * (d - avg.ms);
         this.meanMs = this.meanMs === undefined ? d : this.meanMs + EMA * (d - this.meanMs);
       }
       this.finish(wc, o);
@@ -1188,7 +1215,7 @@ class WorkerCore {
         }
         if (c.ret === true || nbytes <= this.inlineBytes) {
           inline = true;
-          this.recent.set(wc.key, { value: v }, nbytes);
+          this.recent.set(wc.key, v === undefined ? UNDEFINED_RESULT : v, nbytes);
         } else {
           this.recent.delete(wc.key);
           if (bytes === PRIMITIVE) this.store.putString(wc.key, v as string); // big strings are packed only if they must travel
@@ -1241,7 +1268,7 @@ class WorkerCore {
 
   /** The producer of `key` ended without a result (or left): its ahead consumers here end 'cancelled'. */
   private dropWaiters(key: string, status: OutcomeStatus | 'stolen'): void {
-    if (status !== 'stolen') this.recent.set(key, status);
+    if (status !== 'stolen') this.recent.set(key, ENDED[status]);
     const list = this.waiters.get(key);
     if (list === undefined) return;
     this.waiters.delete(key);
