@@ -363,12 +363,16 @@ class WorkerCore {
   private readonly waiters = new Map<string, { wc: WorkCall; dep: WireDep }[]>();
   /**
    * What calls that ended here left, kept briefly, for ahead consumers that arrive after
-   * their producer ended: small results sent inline and not held (boxed), and non-ok
-   * endings (an `Ended`: such a consumer is dropped at once). One map, not two, and
-   * results unboxed (`UNDEFINED_RESULT` stands for undefined): every call accepted and
-   * ended touches it.
+   * their producer ended: small results sent inline and not held, and non-ok endings (an
+   * `Ended`: such a consumer is dropped at once). Every call accepted and ended touches
+   * it, so it is one map, results unboxed (`UNDEFINED_RESULT` stands for undefined), and
+   * short: the last 512 to 1,024 endings. An ahead consumer arrives within a frame or two
+   * of its producer's end; a longer memory only kept entries alive into the old
+   * generation of the heap (with 8,192, this map's set and delete were the worker's two
+   * costliest functions on 100k no-op tasks). A consumer that misses it fetches the
+   * value through the scheduler, which has it.
    */
-  private readonly recent = new RecentMap<unknown>(8192, 16 * 1024 * 1024);
+  private readonly recent = new RecentMap<unknown>(1024, 16 * 1024 * 1024);
   /** Fetched inputs, kept briefly for the next consumer (never advertised). */
   private readonly fetched = new RecentMap<Box>(256, 32 * 1024 * 1024);
   /** Fetches in flight by key (one per key, shared by every waiting consumer). */
