@@ -31,6 +31,7 @@ import {
   type Message,
   type MessageTo,
   type Op,
+  type NodeColumns,
   type OutcomeColumns,
   type WireOutcome,
   type WireNode,
@@ -669,6 +670,49 @@ describe('GraphEncoder / GraphDecoder', () => {
     expect(back[6]!.args).toEqual(nodes[6]!.args);
     // Nodes that shared an options object share it again (the runner relies on that for speed).
     expect(back[0]!.options).toBe(back[5]!.options);
+  });
+
+  it('rebuilds every field from its columns: bindings of each mode, constants, upstream lists, parameter and inline nodes', () => {
+    const opts = taskOptions({ name: 'x' });
+    const nodes: NodeSpec[] = [
+      { id: 0, key: 'n', kind: 'parameter', taskKey: '', module: '', args: [], upstream: [], mapped: false, options: opts, parameter: { name: 'n', default: 3, required: false, type: 'number' } },
+      { id: 1, key: 'xs', kind: 'task', taskKey: 'file:///t.ts#xs', module: 'file:///t.ts', args: [{ kind: 'ref', node: 0, mode: 'plain' }, { kind: 'const', value: { big: [1, 2] }, mode: 'unmapped' }], upstream: [0], mapped: false, options: opts },
+      { id: 2, key: 'sq', kind: 'task', taskKey: 'file:///t.ts#sq', module: 'file:///t.ts', args: [{ kind: 'ref', node: 1, mode: 'mapped' }, { kind: 'const', value: null, mode: 'plain' }], upstream: [], mapped: true, options: opts },
+      { id: 3, key: 'flat', kind: 'task', taskKey: 'file:///t.ts#xs', module: 'file:///t.ts', args: [{ kind: 'ref', node: 2, mode: 'flatten' }], upstream: [1, 2], mapped: true, options: opts },
+      { id: 4, key: 'case(x)', kind: 'inline', taskKey: '', module: '', args: [{ kind: 'ref', node: 0, mode: 'plain' }], upstream: [], mapped: false, options: opts, inline: inlineFn({ op: 'equals', value: 3, name: 'case(x)' }) },
+    ];
+    const { tx, rx } = pair({ receives: 'c2s' });
+    const [m] = rx.decode(tx.encode([new GraphEncoder().chunk(2, nodes, 0, nodes.length)]));
+    expect((m as GraphNodesMsg).nodes).toEqual([]);
+    const back = new GraphDecoder().nodes(m as GraphNodesMsg);
+    const plain = (n: NodeSpec): unknown => ({ ...n, options: n.options.name, inline: n.inline === undefined ? undefined : inlineOpOf(n.inline) });
+    expect(back.map(plain)).toEqual(nodes.map(plain));
+    expect(back[4]!.inline?.(3)).toBe(3);
+  });
+
+  it('refuses node columns that do not fit together, naming the column', () => {
+    const nodes: NodeSpec[] = [
+      { id: 0, key: 'a', kind: 'task', taskKey: 'file:///t.ts#a', module: 'file:///t.ts', args: [{ kind: 'const', value: 1, mode: 'plain' }], upstream: [], mapped: false, options: taskOptions({ name: 'a' }) },
+      { id: 1, key: 'b', kind: 'task', taskKey: 'file:///t.ts#a', module: 'file:///t.ts', args: [{ kind: 'ref', node: 0, mode: 'plain' }], upstream: [0], mapped: false, options: taskOptions({ name: 'a' }) },
+    ];
+    const good = new GraphEncoder().chunk(1, nodes, 0, 2);
+    const cols = good.cols!;
+    const cases: [Partial<Record<keyof NodeColumns, unknown>>, string][] = [
+      [{ key: 'ab' }, '"key"'],
+      [{ kind: new Uint8Array([0, 7]) }, '"kind[1]"'],
+      [{ t: [0, 0] }, '"t"'],
+      [{ nargs: new Int32Array([1, 5]) }, '"nargs[1]"'],
+      [{ nargs: new Int32Array([0, 1]) }, '"nargs"'],
+      [{ argMode: new Uint8Array([0, 9]) }, '"argMode[1]"'],
+      [{ consts: [] }, '"consts"'],
+      [{ nup: new Int32Array([0, 2]) }, '"nup[1]"'],
+      [{ up: new Float64Array([0, 1]) }, '"nup"'],
+      [{ extra: [{ i: 5 }] }, '"extra[].i"'],
+    ];
+    for (const [change, named] of cases) {
+      const msg = { ...good, cols: { ...cols, ...change } } as unknown as GraphNodesMsg;
+      expect(() => new GraphDecoder().nodes(msg), named).toThrow(expect.objectContaining({ code: 'BAD_MESSAGE', message: expect.stringContaining(named) }));
+    }
   });
 
   it('refuses a node that points outside the tables', () => {

@@ -557,6 +557,11 @@ function checkGraphValues(spec: GraphSpec, parameters: Record<string, unknown>):
 // ---- graph runs ----------------------------------------------------------------------
 
 /** The graph's nodes as compact chunks (each options object and task key sent once). */
+function hasConstant(args: NodeSpec['args']): boolean {
+  for (let i = 0; i < args.length; i++) if (args[i]!.kind === 'const') return true;
+  return false;
+}
+
 function encodeGraph(graph: number, spec: GraphSpec): GraphNodesMsg[] {
   const enc = new GraphEncoder();
   const nodes = spec.nodes;
@@ -568,7 +573,7 @@ function encodeGraph(graph: number, spec: GraphSpec): GraphNodesMsg[] {
     while (end < nodes.length && end - offset < CHUNK_NODES && (end === offset || bytes < CHUNK_BYTES)) {
       const n = nodes[end]!;
       // Nodes are small unless they bind constants (a list to map over, a big value).
-      bytes += 64 + n.key.length + (n.args.some((a) => a.kind === 'const') ? estimateBytes(n.args) : 0);
+      bytes += 64 + n.key.length + (hasConstant(n.args) ? estimateBytes(n.args) : 0);
       end++;
     }
     out.push(enc.chunk(graph, nodes, offset, end));

@@ -26,6 +26,7 @@ import type { InlineOp } from '../flow/inline.ts';
 import type {
   ArgBinding,
   CacheValidatorName,
+  BindMode,
   NodeKind,
   NodeSpec,
   TaskOptions,
@@ -254,8 +255,10 @@ export interface GraphNodesMsg {
   readonly op: 'graphNodes';
   readonly graph: number;
   readonly offset: number;
-  /** Full nodes (`toWireNode`) or compact ones (`GraphEncoder`). */
+  /** Full nodes (`toWireNode`) or compact ones; empty when they travel in `cols` (what `GraphEncoder` sends). */
   readonly nodes: readonly (WireNode | CompactNode)[];
+  /** Compact nodes in columns. */
+  readonly cols?: NodeColumns;
   /** Compact form: task options first used in this chunk, appended to the graph's table (indexes continue). */
   readonly options?: readonly WireTaskOptions[];
   /** Compact form: strings (task keys, module URLs) first used in this chunk, appended likewise. */
@@ -281,6 +284,109 @@ export interface CompactNode {
   readonly mapped: boolean;
   readonly parameter?: NodeSpec['parameter'];
   readonly inlineOp?: InlineOp;
+}
+
+/** Binding modes and node kinds by their number in `NodeColumns` (kinds: `NODE_KINDS` order). */
+const BIND_MODES: readonly BindMode[] = ['plain', 'mapped', 'unmapped', 'flatten'];
+const NODE_KIND_NUMBER: Readonly<Record<NodeKind, number>> = { task: 0, parameter: 1, inline: 2 };
+const BIND_MODE_NUMBER: Readonly<Record<BindMode, number>> = { plain: 0, mapped: 1, unmapped: 2, flatten: 3 };
+
+/**
+ * A chunk of compact nodes in columns (`graphNodes.cols`, what `GraphEncoder` sends).
+ * Numbers travel as typed arrays and each node's arguments and upstream ids as slices
+ * of flat arrays, so a chunk of thousands of nodes packs as a few copies and one list
+ * of keys instead of a record, an argument list and an upstream list per node.
+ */
+export interface NodeColumns {
+  readonly key: readonly string[];
+  /** Index into task, parameter, inline. */
+  readonly kind: Uint8Array;
+  /** Task key and module URL (string table indexes, -1 for none) and options (options table index). */
+  readonly t: Int32Array;
+  readonly m: Int32Array;
+  readonly o: Int32Array;
+  readonly mapped: Uint8Array;
+  /** Arguments per node; their bindings follow one another in node order. */
+  readonly nargs: Int32Array;
+  /** Per binding: the upstream node of a ref, -1 for a constant (its value is next in `consts`). */
+  readonly argNode: Float64Array;
+  /** Per binding: index into plain, mapped, unmapped, flatten. */
+  readonly argMode: Uint8Array;
+  readonly consts: readonly unknown[];
+  /** Upstream ids per node, and all of them in node order. */
+  readonly nup: Int32Array;
+  readonly up: Float64Array;
+  /** The rarer fields, by node index in the chunk. */
+  readonly extra: readonly NodeExtra[];
+}
+
+export interface NodeExtra {
+  readonly i: number;
+  readonly parameter?: NodeSpec['parameter'];
+  readonly inlineOp?: InlineOp;
+}
+
+function badNodeColumn(field: string, expected: string): never {
+  throw new ProtocolError('BAD_MESSAGE', `graphNodes: column "${field}" must be ${expected}`, { op: 'graphNodes', field, expected });
+}
+
+/** Node columns → compact nodes (what `GraphDecoder` checks and resolves). Throws ProtocolError BAD_MESSAGE for columns that do not fit together. */
+export function compactFromColumns(c: NodeColumns): CompactNode[] {
+  const bad = badNodeColumn;
+  if (typeof c !== 'object' || c === null) bad('cols', 'an object');
+  if (!Array.isArray(c.key)) bad('key', 'an array');
+  const n = c.key.length;
+  const typed: readonly [keyof NodeColumns, new (n: number) => ArrayLike<number>][] = [
+    ['kind', Uint8Array],
+    ['t', Int32Array],
+    ['m', Int32Array],
+    ['o', Int32Array],
+    ['mapped', Uint8Array],
+    ['nargs', Int32Array],
+    ['nup', Int32Array],
+  ];
+  for (const [f, T] of typed) if (!(c[f] instanceof T) || (c[f] as ArrayLike<number>).length !== n) bad(f, `a ${T.name} of ${n} (as long as "key")`);
+  if (!(c.argNode instanceof Float64Array)) bad('argNode', 'a Float64Array');
+  if (!(c.argMode instanceof Uint8Array) || c.argMode.length !== c.argNode.length) bad('argMode', `a Uint8Array of ${c.argNode.length} (as long as "argNode")`);
+  if (!(c.up instanceof Float64Array)) bad('up', 'a Float64Array');
+  if (!Array.isArray(c.consts)) bad('consts', 'an array');
+  if (!Array.isArray(c.extra)) bad('extra', 'an array');
+  const out = new Array<CompactNode>(n);
+  let a = 0;
+  let u = 0;
+  let k = 0;
+  for (let i = 0; i < n; i++) {
+    const kind = NODE_KINDS[c.kind[i]!];
+    if (kind === undefined) bad(`kind[${i}]`, `a number below ${NODE_KINDS.length}`);
+    const na = c.nargs[i]!;
+    if (na < 0 || a + na > c.argNode.length) bad(`nargs[${i}]`, 'a count within "argNode"');
+    const args = new Array<ArgBinding>(na);
+    for (let j = 0; j < na; j++, a++) {
+      const mode = BIND_MODES[c.argMode[a]!];
+      if (mode === undefined) bad(`argMode[${a}]`, `a number below ${BIND_MODES.length}`);
+      const ref = c.argNode[a]!;
+      if (ref >= 0) args[j] = { kind: 'ref', node: ref, mode: mode as BindMode };
+      else {
+        if (k >= c.consts.length) bad('consts', 'one value for each constant binding');
+        args[j] = { kind: 'const', value: c.consts[k++], mode: mode as BindMode };
+      }
+    }
+    const nu = c.nup[i]!;
+    if (nu < 0 || u + nu > c.up.length) bad(`nup[${i}]`, 'a count within "up"');
+    const upstream = new Array<number>(nu);
+    for (let j = 0; j < nu; j++) upstream[j] = c.up[u++]!;
+    out[i] = { key: c.key[i]!, kind: kind as NodeKind, t: c.t[i]!, m: c.m[i]!, o: c.o[i]!, args, upstream, mapped: c.mapped[i] === 1 };
+  }
+  if (a !== c.argNode.length) bad('nargs', 'counts that add up to the length of "argNode"');
+  if (u !== c.up.length) bad('nup', 'counts that add up to the length of "up"');
+  if (k !== c.consts.length) bad('consts', 'one value for each constant binding');
+  for (const x of c.extra) {
+    if (typeof x !== 'object' || x === null || !Number.isInteger(x.i) || x.i < 0 || x.i >= n) bad('extra[].i', `a node index below ${n}`);
+    const node = out[x.i] as { -readonly [K in keyof CompactNode]: CompactNode[K] };
+    if (x.parameter !== undefined) node.parameter = x.parameter;
+    if (x.inlineOp !== undefined) node.inlineOp = x.inlineOp;
+  }
+  return out;
 }
 
 /** The last chunk was sent: the scheduler validates the graph and starts the run. */
@@ -991,7 +1097,7 @@ const SPEC = {
   putBundle: { dirs: ['c2s'], fields: { hash: 'string', code: 'bytes' } },
   getBundle: { dirs: ['w2s'], fields: { id: 'int', hash: 'string' } },
   bundle: { dirs: ['s2w'], fields: { id: 'int', hash: 'string', code: 'bytes?', error: 'error?' } },
-  graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array', options: 'array?', strings: 'array?' } },
+  graphNodes: { dirs: ['c2s'], fields: { graph: 'int', offset: 'int', nodes: 'array', cols: 'object?', options: 'array?', strings: 'array?' } },
   graphEnd: { dirs: ['c2s'], fields: { graph: 'int' } },
   cancelRun: { dirs: ['c2s'], fields: { graph: 'int' } },
   releaseRun: { dirs: ['c2s'], fields: { graph: 'int' } },
@@ -1523,7 +1629,7 @@ export class GraphEncoder {
   chunk(graph: number, nodes: readonly NodeSpec[], start: number, end: number): GraphNodesMsg {
     const newOptions: WireTaskOptions[] = [];
     const newStrings: string[] = [];
-    const out = new Array<CompactNode>(end - start);
+    const n = end - start;
     const str = (v: string): number => {
       if (v === '') return -1;
       let i = this.strings.get(v);
@@ -1534,37 +1640,79 @@ export class GraphEncoder {
       }
       return i;
     };
-    for (let k = start; k < end; k++) {
-      const node = nodes[k]!;
-      let o = this.options.get(node.options);
-      if (o === undefined) {
-        o = this.options.size;
-        this.options.set(node.options, o);
+    const key = new Array<string>(n);
+    const kind = new Uint8Array(n);
+    const t = new Int32Array(n);
+    const m = new Int32Array(n);
+    const o = new Int32Array(n);
+    const mapped = new Uint8Array(n);
+    const nargs = new Int32Array(n);
+    const nup = new Int32Array(n);
+    const argNode: number[] = [];
+    const argMode: number[] = [];
+    const consts: unknown[] = [];
+    const up: number[] = [];
+    const extra: NodeExtra[] = [];
+    for (let i = 0; i < n; i++) {
+      const node = nodes[start + i]!;
+      let oi = this.options.get(node.options);
+      if (oi === undefined) {
+        oi = this.options.size;
+        this.options.set(node.options, oi);
         newOptions.push(toWireNode({ ...node, kind: 'task', inline: undefined }).options);
       }
       const inlineOp = inlineOpOf(node.inline);
       if (node.kind === 'inline' && inlineOp === undefined) {
         throw new ProtocolError('BAD_MESSAGE', `task "${node.key}": inline node without an InlineOp descriptor cannot be sent`, { field: 'inline' });
       }
-      const c: { -readonly [K in keyof CompactNode]: CompactNode[K] } = {
-        key: node.key,
-        kind: node.kind,
-        t: str(node.taskKey),
-        m: str(node.module),
-        o,
-        args: node.args,
-        upstream: node.upstream,
-        mapped: node.mapped,
-      };
-      if (node.parameter !== undefined) c.parameter = node.parameter;
-      if (inlineOp !== undefined) c.inlineOp = inlineOp;
-      out[k - start] = c;
+      key[i] = node.key;
+      kind[i] = NODE_KIND_NUMBER[node.kind];
+      t[i] = str(node.taskKey);
+      m[i] = str(node.module);
+      o[i] = oi;
+      mapped[i] = node.mapped ? 1 : 0;
+      const args = node.args;
+      nargs[i] = args.length;
+      for (let j = 0; j < args.length; j++) {
+        const b = args[j]!;
+        argMode.push(BIND_MODE_NUMBER[b.mode]);
+        if (b.kind === 'ref') argNode.push(b.node);
+        else {
+          argNode.push(-1);
+          consts.push(b.value);
+        }
+      }
+      const ups = node.upstream;
+      nup[i] = ups.length;
+      for (let j = 0; j < ups.length; j++) up.push(ups[j]!);
+      if (node.parameter !== undefined || inlineOp !== undefined) {
+        const x: { -readonly [K in keyof NodeExtra]: NodeExtra[K] } = { i };
+        if (node.parameter !== undefined) x.parameter = node.parameter;
+        if (inlineOp !== undefined) x.inlineOp = inlineOp;
+        extra.push(x);
+      }
     }
+    const cols: NodeColumns = {
+      key,
+      kind,
+      t,
+      m,
+      o,
+      mapped,
+      nargs,
+      argNode: Float64Array.from(argNode),
+      argMode: Uint8Array.from(argMode),
+      consts,
+      nup,
+      up: Float64Array.from(up),
+      extra,
+    };
     return {
       op: 'graphNodes',
       graph,
       offset: start,
-      nodes: out,
+      nodes: [],
+      cols,
       ...(newOptions.length > 0 ? { options: newOptions } : {}),
       ...(newStrings.length > 0 ? { strings: newStrings } : {}),
     };
@@ -1593,10 +1741,11 @@ export class GraphDecoder {
       }
       for (const x of msg.strings) this.strings.push(x);
     }
-    const out = new Array<NodeSpec>(msg.nodes.length);
-    for (let i = 0; i < msg.nodes.length; i++) {
+    const nodes = msg.cols !== undefined ? compactFromColumns(msg.cols) : msg.nodes;
+    const out = new Array<NodeSpec>(nodes.length);
+    for (let i = 0; i < nodes.length; i++) {
       const id = msg.offset + i;
-      const n = msg.nodes[i] as Partial<CompactNode & WireNode>;
+      const n = nodes[i] as Partial<CompactNode & WireNode>;
       if (typeof n !== 'object' || n === null || typeof n.key !== 'string' || !Array.isArray(n.args) || !Array.isArray(n.upstream)) {
         throw new ProtocolError('BAD_MESSAGE', `graphNodes: node ${id} is malformed`, { field: 'nodes' });
       }

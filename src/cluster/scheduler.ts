@@ -399,8 +399,9 @@ export class SchedulerServer {
         const g = this.graphOf(c, m.graph);
         if (g.session !== null) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: nodes after graphEnd`, { field: 'graph' });
         if (m.offset !== g.received) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: chunk at offset ${m.offset}, expected ${g.received}`, { field: 'offset' });
-        for (const n of g.decoder.nodes(m)) g.nodes.push(n);
-        g.received += m.nodes.length;
+        const nodes = g.decoder.nodes(m);
+        for (const n of nodes) g.nodes.push(n);
+        g.received += nodes.length;
         if (g.received > g.begin.nodeCount) throw new ProtocolError('BAD_MESSAGE', `graph ${m.graph}: more nodes than announced (${g.begin.nodeCount})`, { field: 'nodes' });
       },
       graphEnd: (m) => this.startGraph(this.graphOf(c, m.graph)),
