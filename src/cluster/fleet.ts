@@ -65,10 +65,12 @@ export interface WorkerState {
 /** Shared empty lists (most held results never get waiters; most handles have no path). */
 const NO_WAITERS: Inflight[] = [];
 const NO_PATH: readonly number[] = Object.freeze([]);
+/** Holders of a future (`FleetSession.future`): none, and none are ever added (futures are not in any `held` map). */
+const NO_HOLDERS = new Set<WorkerState>();
+const NO_HOLDER_IDS: readonly string[] = Object.freeze([]);
 
 /** A result held on workers. */
 export class HeldResult {
-  readonly holders = new Set<WorkerState>();
   /** Recomputing after its last holder died. */
   recomputing = false;
   /** Calls to place once it is back. */
@@ -81,6 +83,8 @@ export class HeldResult {
     public nbytes: number,
     public len: number,
     public inner: readonly number[] | null,
+    /** Workers holding it (a future's is the shared empty NO_HOLDERS: it is never registered, so never added to). */
+    readonly holders: Set<WorkerState> = new Set<WorkerState>(),
   ) {}
 }
 
@@ -830,7 +834,30 @@ function refreshDeps(c: WireCall, s: FleetSession): WireCall {
     for (const w of h.holders) holders.push(w.id);
     return { ...d, holders };
   });
-  return { ...c, deps };
+  return wireCall(c, c.args, deps, c.ret);
+}
+
+/**
+ * A WireCall built as one literal of one shape. (Spreading a call and then its optional
+ * fields copied it once per spread, into objects V8 could not keep fast: the biggest
+ * allocation per call on the scheduler.) Absent optional fields are undefined.
+ */
+function wireCall(c: TaskCall, args: unknown[], deps: readonly WireDep[] | undefined, ret: boolean | undefined): WireCall {
+  return {
+    id: c.id,
+    runId: c.runId,
+    taskKey: c.taskKey,
+    key: c.key,
+    args,
+    timeoutMs: c.timeoutMs,
+    mapIndex: c.mapIndex,
+    attempt: c.attempt,
+    loopCount: c.loopCount,
+    loopResult: c.loopResult,
+    resources: c.resources,
+    deps,
+    ret,
+  };
 }
 
 /**
@@ -928,22 +955,16 @@ export class FleetSession implements Executor {
   /** Args → WireCall: RemoteRefs (top level, or elements of a list argument) become deps. */
   private toWire(c: TaskCall): WireCall {
     const args = c.args;
-    let deps: WireDep[] | null = null;
-    let copied = false;
+    let deps: WireDep[] | undefined;
+    let copy: unknown[] | null = null;
     for (let a = 0; a < args.length; a++) {
       const v = args[a];
       if (v instanceof RemoteRef) {
-        if (!copied) {
-          c = { ...c, args: args.slice() };
-          copied = true;
-        }
-        c.args[a] = null;
+        copy ??= args.slice();
+        copy[a] = null;
         (deps ??= []).push(depOf(v, a, -1));
       } else if (Array.isArray(v) && v.length > 0 && hasRef(v)) {
-        if (!copied) {
-          c = { ...c, args: args.slice() };
-          copied = true;
-        }
+        copy ??= args.slice();
         const list = v.slice();
         for (let i = 0; i < list.length; i++) {
           const x = list[i];
@@ -952,19 +973,18 @@ export class FleetSession implements Executor {
             (deps ??= []).push(depOf(x, a, i));
           }
         }
-        c.args[a] = list;
+        copy[a] = list;
       }
     }
-    const ret = this.returnAll || (this.needsValue !== null && this.needsValue(c.key));
-    if (deps === null && !ret) return c;
-    const w: WireCall = { ...c, ...(deps !== null ? { deps } : {}), ...(ret ? { ret: true } : {}) };
-    return w;
+    const ret = this.returnAll || (this.needsValue !== null && this.needsValue(c.key)) ? true : undefined;
+    if (deps === undefined && ret === undefined) return c;
+    return wireCall(c, copy ?? args, deps, ret);
   }
 
   /** The future result of a call in flight: as an argument, the worker that runs that call hands it over locally. */
   future(producer: number): unknown {
     const pf = this.inflight.get(producer);
-    return new RemoteRef(new HeldResult(dataKey(this.run, producer), this, pf?.call ?? NO_CALL, 0, -1, null));
+    return new RemoteRef(new HeldResult(dataKey(this.run, producer), this, pf?.call ?? NO_CALL, 0, -1, null, NO_HOLDERS));
   }
 
   /** Send a dependent to its producer's worker now; it starts there when the producer succeeds. */
@@ -1063,14 +1083,14 @@ function useResources(w: WorkerState, need: Readonly<Record<string, number>>, si
 function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
   if (c.deps === undefined) return c;
   const args = c.args.slice();
-  const deps: WireDep[] = [];
+  let deps: WireDep[] | undefined;
   for (const d of c.deps) {
     if (d.key !== key) {
-      deps.push(d);
+      (deps ??= []).push(d);
       continue;
     }
     let v = value;
-    for (const p of d.path ?? []) v = (v as unknown[] | undefined)?.[p];
+    if (d.path !== undefined) for (const p of d.path) v = (v as unknown[] | undefined)?.[p];
     if (d.index < 0) args[d.arg] = v;
     else {
       const list = (args[d.arg] as unknown[]).slice();
@@ -1078,10 +1098,7 @@ function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
       args[d.arg] = list;
     }
   }
-  const out: WireCall = { ...c, args };
-  if (deps.length > 0) return { ...out, deps };
-  const { deps: _d, ...rest } = out;
-  return rest;
+  return wireCall(c, args, deps, c.ret);
 }
 
 const NO_CALL: WireCall = {
@@ -1103,8 +1120,14 @@ function hasRef(list: unknown[]): boolean {
 }
 
 function depOf(r: RemoteRef, arg: number, index: number): WireDep {
-  const holders: string[] = [];
-  for (const w of r.held.holders) holders.push(w.id);
-  const d: WireDep = { key: r.held.key, holders, nbytes: r.held.nbytes, arg, index, ...(r.path.length > 0 ? { path: r.path } : {}) };
-  return d;
+  const h = r.held;
+  let holders: readonly string[] = NO_HOLDER_IDS;
+  if (h.holders.size > 0) {
+    const ids: string[] = [];
+    for (const w of h.holders) ids.push(w.id);
+    holders = ids;
+  }
+  // Two literal shapes, not a conditional spread (a temporary object per dep).
+  if (r.path.length > 0) return { key: h.key, holders, nbytes: h.nbytes, arg, index, path: r.path };
+  return { key: h.key, holders, nbytes: h.nbytes, arg, index };
 }

@@ -156,6 +156,27 @@ function checkResolvable(spec: GraphSpec, executor: Executor): void {
   }
 }
 
+/** Links of chains sent ahead (see `FlowRun.sendAhead`): the last one sent, and how many were sent. */
+interface AheadChain {
+  tail: number;
+  tailPos: number;
+  /** A link left the chain before its turn (cancelled, lost): positions no longer count links in flight. */
+  broken: boolean;
+}
+
+/** A call sent ahead, by task id. */
+interface AheadEntry {
+  /** The negative run id it was sent with. */
+  readonly token: number;
+  /** Its task was dispatched (the call on the worker stands for it). */
+  taken: boolean;
+  /** It ran before its task was dispatched: applied then. */
+  outcome: Outcome | null;
+  chain: AheadChain;
+  /** Position in its chain (the tail has `chain.tailPos`). */
+  pos: number;
+}
+
 /** Ready tasks taken from the core per batch, at most. */
 const OUT_MAX = 4096;
 
@@ -189,7 +210,7 @@ class FlowRun {
   private readonly special: Uint8Array;
   private readonly t0 = now();
   /** Calls sent ahead to a producer's worker, by task id (see `sendAhead`). */
-  private readonly ahead = new Map<number, { token: number; taken: boolean; outcome: Outcome | null }>();
+  private readonly ahead = new Map<number, AheadEntry>();
   private aheadSeq = 0;
   private readonly canAhead: boolean;
   private pumping = false;
@@ -337,7 +358,7 @@ class FlowRun {
         // Already on a worker (sent ahead): no new call.
         if (e.outcome !== null) {
           this.ahead.delete(id);
-          this.apply({ ...e.outcome, runId: core.runId[id]! });
+          this.apply(e.outcome, core.runId[id]!);
         } else {
           e.taken = true;
           if (this.canAhead) this.sendAhead(id);
@@ -462,10 +483,11 @@ class FlowRun {
     this.pump();
   }
 
-  private apply(o: Outcome): void {
+  /** An outcome for the dispatch `runId` (an ahead call's outcome carries its token instead). */
+  private apply(o: Outcome, runId = o.runId): void {
     const core = this.core;
     const id = o.id;
-    if (!core.current(id, o.runId)) return; // stale: rescheduled meanwhile
+    if (!core.current(id, runId)) return; // stale: rescheduled meanwhile
     if (o.startMs > 0) this.startMs[id] = o.startMs;
     this.endMs[id] = o.endMs > 0 ? o.endMs : now();
     if (o.worker !== undefined) this.workers[id] = o.worker;
@@ -476,12 +498,12 @@ class FlowRun {
         try {
           this.persist(id, node, o.value);
         } catch (err) {
-          this.settleError(id, o.runId, err);
+          this.settleError(id, runId, err);
           return;
         }
       }
-      core.success(id, o.runId);
-    } else this.settleOutcome(id, o);
+      core.success(id, runId);
+    } else this.settleOutcome(id, o, runId);
   }
 
   // --- ahead calls (a chain's next link sent to its producer's worker) --------------
@@ -490,17 +512,38 @@ class FlowRun {
    * After dispatching `id`: while the task that becomes ready exactly when the current
    * one succeeds is a plain task, send it ahead (up to AHEAD_DEPTH links) to the worker
    * of its producer, with the producer's future result as its input.
+   *
+   * O(1) per link in a long chain: the links already in flight past `id` are not walked
+   * again; the chain's tail (and each link's position in it) says where to extend and how
+   * deep it already is. A chain with a link dropped from its middle is walked once more.
    */
   private sendAhead(id: number): void {
     const ex = this.executor;
     const core = this.core;
     let cur = id;
-    for (let depth = 0; depth < AHEAD_DEPTH; depth++) {
+    let depth = 0;
+    const e = this.ahead.get(id);
+    let chain: AheadChain;
+    if (e !== undefined && !e.chain.broken) {
+      chain = e.chain;
+      cur = chain.tail;
+      depth = chain.tailPos - e.pos;
+    } else {
+      chain = { tail: id, tailPos: 0, broken: false };
+      if (e !== undefined) {
+        e.chain = chain;
+        e.pos = 0;
+      }
+    }
+    for (; depth < AHEAD_DEPTH; depth++) {
       const d = core.aheadCandidate(cur);
       if (d < 0) return;
-      if (this.ahead.has(d)) {
+      const known = this.ahead.get(d);
+      if (known !== undefined) {
         // Already sent: extend the chain past it (keeps AHEAD_DEPTH links in flight).
-        cur = d;
+        known.chain = chain;
+        known.pos = ++chain.tailPos;
+        chain.tail = cur = d;
         continue;
       }
       const nodeId = core.node[d]!;
@@ -520,8 +563,8 @@ class FlowRun {
       const call = this.call(d, node, token, -1, args);
       call.attempt = core.attempts[d]! + 1;
       if (!ex.submitAhead!(call, cur)) return;
-      this.ahead.set(d, { token, taken: false, outcome: null });
-      cur = d;
+      this.ahead.set(d, { token, taken: false, outcome: null, chain, pos: ++chain.tailPos });
+      chain.tail = cur = d;
     }
   }
 
@@ -531,15 +574,17 @@ class FlowRun {
     if (e === undefined || e.token !== o.runId) return;
     if (e.taken) {
       this.ahead.delete(o.id);
-      this.apply({ ...o, runId: this.core.runId[o.id]! });
+      this.apply(o, this.core.runId[o.id]!);
       return;
     }
-    if (o.status === 'cancelled' || o.status === 'lost') this.ahead.delete(o.id); // it never ran: dispatch normally
-    else e.outcome = o; // it ran: apply when the task becomes ready (its producer's outcome comes first)
+    if (o.status === 'cancelled' || o.status === 'lost') {
+      // It never ran: dispatch normally. Its chain lost a link in the middle: walk it again.
+      this.ahead.delete(o.id);
+      e.chain.broken = true;
+    } else e.outcome = o; // it ran: apply when the task becomes ready (its producer's outcome comes first)
   }
 
-  private settleOutcome(id: number, o: Outcome): void {
-    const runId = o.runId;
+  private settleOutcome(id: number, o: Outcome, runId: number): void {
     switch (o.status) {
       case 'timeout':
         this.recordError(id, o.error);
