@@ -603,9 +603,8 @@ export class Fleet {
           value = new RemoteRef(h);
         }
       }
-      const out: Outcome = { id: o.id, runId: o.runId, status: o.status, startMs: o.startMs, endMs: o.endMs, worker: w.name };
-      if (value !== undefined) out.value = value;
-      if (o.error !== undefined) out.error = o.error;
+      // Every field in the literal: properties added later would need a backing store per outcome.
+      const out: Outcome = { id: o.id, runId: o.runId, status: o.status, value, error: o.error, startMs: o.startMs, endMs: o.endMs, worker: w.name };
       (batch ??= []).push(out);
     }
     if (batch !== null) s.deliver(batch);

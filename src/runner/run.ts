@@ -27,7 +27,7 @@ import {
   wantsCheckpoint,
   writeResult,
 } from './results.ts';
-import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, TaskRunRecord } from './types.ts';
+import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, TaskColumns, TaskRunRecord } from './types.ts';
 
 const now = (): number => performance.timeOrigin + performance.now();
 
@@ -54,7 +54,10 @@ function specInfo(spec: GraphSpec): SpecInfo {
   const distinct = new Map<string, NodeSpec>();
   let hasHandlers = false;
   let lastOptions: NodeSpec['options'] | null = null;
-  for (const n of spec.nodes) {
+  // Indexed loops in these once-per-run passes: a for-of that runs before it is optimized allocates per node.
+  const nodes = spec.nodes;
+  for (let i = 0; i < nodes.length; i++) {
+    const n = nodes[i]!;
     if (n.kind === 'parameter') parameters.push(n);
     else if (n.kind === 'task' && !distinct.has(n.taskKey)) distinct.set(n.taskKey, n);
     const o = n.options;
@@ -401,7 +404,7 @@ class FlowRun {
       mapIndex,
       attempt: core.attempts[id]!,
       loopCount: core.loopCount[id]!,
-      loopResult: this.loopValues.get(id),
+      loopResult: this.loopValues.size > 0 ? this.loopValues.get(id) : undefined,
     };
   }
 
@@ -936,6 +939,24 @@ class FlowRun {
       },
       taskResult(id: number): unknown {
         return results[id];
+      },
+      taskColumns(): TaskColumns {
+        return {
+          size: core.size,
+          node: core.node,
+          mapIndex: core.mapIndex,
+          state: core.state,
+          stateNames: S.STATE_NAMES,
+          attempts: core.attempts,
+          startMs,
+          endMs: ends,
+          worker: workers,
+          plain(id: number): boolean {
+            const s = core.state[id]!;
+            return (s === S.SUCCESS || s === S.CACHED || s === S.MAPPED) && !errors.has(id) && !core.messages.has(id);
+          },
+          record,
+        };
       },
       stateOf(ref: NodeRef): TaskStateName {
         return core.stateName(idOf(ref));
