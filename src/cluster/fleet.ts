@@ -65,12 +65,11 @@ export interface WorkerState {
 /** Shared empty lists (most held results never get waiters; most handles have no path). */
 const NO_WAITERS: Inflight[] = [];
 const NO_PATH: readonly number[] = Object.freeze([]);
-/** Holders of a future (`FleetSession.future`): none, and none are ever added (futures are not in any `held` map). */
-const NO_HOLDERS = new Set<WorkerState>();
 const NO_HOLDER_IDS: readonly string[] = Object.freeze([]);
 
 /** A result held on workers. */
 export class HeldResult {
+  readonly holders = new Set<WorkerState>();
   /** Recomputing after its last holder died. */
   recomputing = false;
   /** Calls to place once it is back. */
@@ -83,8 +82,6 @@ export class HeldResult {
     public nbytes: number,
     public len: number,
     public inner: readonly number[] | null,
-    /** Workers holding it (a future's is the shared empty NO_HOLDERS: it is never registered, so never added to). */
-    readonly holders: Set<WorkerState> = new Set<WorkerState>(),
   ) {}
 }
 
@@ -108,6 +105,11 @@ export const remoteRefs: ResultRefs = {
   innerLengths: (ref) => ((ref as RemoteRef).path.length === 0 ? (ref as RemoteRef).held.inner : null),
 };
 
+/** What the runner passes on in place of the result of a call still in flight (`FleetSession.future`): only a whole argument. */
+class FutureRef {
+  constructor(readonly producer: number) {}
+}
+
 /** A call on its way to, or on, a worker. */
 export interface Inflight {
   readonly session: FleetSession;
@@ -120,7 +122,44 @@ export interface Inflight {
   /** Times it came back INPUT_LOST and was placed again. */
   inputRetries: number;
   /** Sent ahead of its producer's outcome: waits on that worker, takes no credit. */
-  ahead?: boolean;
+  readonly ahead: boolean;
+  /** The call sent ahead to wait for this one's result on its worker (see `FleetSession.submitAhead`). */
+  consumer: Inflight | null;
+  /**
+   * For an ahead call: its producer's task id, and the producer's value once it came back
+   * inline (NOT_INLINED until then). `call` still names the producer as a dep: the value is
+   * folded in (`settled`) only when the call is used again — sent elsewhere, remade from
+   * lineage, placed anew — which most ahead calls never are.
+   */
+  readonly producer: number;
+  producerValue: unknown;
+}
+
+/** `Inflight.producerValue` before the producer's value came back inline. */
+const NOT_INLINED: unique symbol = Symbol('not inlined');
+
+function inflight(session: FleetSession, call: WireCall, remake: HeldResult | null, producer = -1): Inflight {
+  return {
+    session,
+    call,
+    worker: null,
+    remake,
+    blockedOn: 0,
+    inputRetries: 0,
+    ahead: producer >= 0,
+    consumer: null,
+    producer,
+    producerValue: NOT_INLINED,
+  };
+}
+
+/** The call of `f` with its producer's inline value folded in (once that value came back). */
+function settled(f: Inflight): WireCall {
+  if (f.producerValue !== NOT_INLINED) {
+    f.call = inlineDep(f.call, dataKey(f.session.run, f.producer), f.producerValue);
+    f.producerValue = NOT_INLINED;
+  }
+  return f.call;
 }
 
 /** A released run's `release` waits at most this long for a compute to ride with. */
@@ -210,7 +249,7 @@ export class Fleet {
 
   /** One more (+1) or one fewer (-1) call in flight on a worker (ahead calls are counted apart). */
   private use(w: WorkerState, f: Inflight, delta: 1 | -1): void {
-    if (f.ahead === true) {
+    if (f.ahead) {
       w.aheadUsed += delta;
       return;
     }
@@ -497,6 +536,7 @@ export class Fleet {
   private lastPlaced: WorkerState | null = null;
 
   assign(f: Inflight, w: WorkerState): void {
+    const call = settled(f);
     f.worker = w;
     this.lastPlaced = w;
     this.use(w, f, 1);
@@ -509,7 +549,7 @@ export class Fleet {
       if (w.pending.size === 0) this.dirty.push(w);
       w.pending.set(s.run, (batch = []));
     }
-    batch.push(f.call);
+    batch.push(call);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       setImmediate(this.flushCb);
@@ -583,20 +623,18 @@ export class Fleet {
         f.inputRetries++;
         if (this.retryAfterInputs(f)) continue;
       }
-      if (s.aheadOn.size > 0) {
-        const af = s.aheadOn.get(o.id);
-        if (af !== undefined) {
-          s.aheadOn.delete(o.id);
-          // Its lineage must not wait for a local producer that will never run again.
-          if (o.status === 'ok' && 'value' in o) af.call = inlineDep(af.call, dataKey(run, o.id), o.value);
-        }
+      const af = f.consumer;
+      if (af !== null) {
+        f.consumer = null;
+        // Its lineage must not wait for a local producer that will never run again (folded in by `settled`).
+        if (o.status === 'ok' && 'value' in o) af.producerValue = o.value;
       }
       let value: unknown;
       if (o.status === 'ok') {
         if ('value' in o) value = o.value;
         else {
           const key = dataKey(run, o.id);
-          const h = new HeldResult(key, s, f.call, o.nbytes, o.len, o.inner ?? null);
+          const h = new HeldResult(key, s, settled(f), o.nbytes, o.len, o.inner ?? null);
           h.holders.add(w);
           w.held.set(key, h);
           s.held.set(key, h);
@@ -661,6 +699,7 @@ export class Fleet {
 
   /** Park a call until its lost inputs are recomputed. False when none of its inputs is lost. */
   private retryAfterInputs(f: Inflight): boolean {
+    settled(f);
     f.worker = null;
     const missing = this.blockers(f);
     if (missing === 0) {
@@ -707,7 +746,7 @@ export class Fleet {
     const s = h.session;
     // Same id (the worker stores the result under its key); runId -1: the runner never sees it
     // (its task finished long ago, so no call of the runner's can hold that id meanwhile).
-    const f: Inflight = { session: s, call: { ...h.producer, runId: -1 }, worker: null, remake: h, blockedOn: 0, inputRetries: 0 };
+    const f = inflight(s, { ...h.producer, runId: -1 }, h);
     this.options.log(`recomputing ${h.key} (task "${h.producer.key}") from lineage`);
     s.inflight.set(f.call.id, f);
     if (this.blockers(f) > 0) return;
@@ -754,7 +793,7 @@ export class Fleet {
       for (const s of this.sessions.values()) {
         for (const f of s.inflight.values()) {
           // Not ahead calls, nor producers of ahead calls (their consumers wait on that worker).
-          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || s.aheadOn.has(f.call.id) || n >= want) continue;
+          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || f.consumer !== null || n >= want) continue;
           let l = byRun.get(s.run);
           if (l === undefined) byRun.set(s.run, (l = []));
           l.push(f.call.id);
@@ -928,7 +967,7 @@ export class FleetSession implements Executor {
     const fleet = this.fleet;
     fleet.beginBatch(calls.length);
     for (let i = 0; i < calls.length; i++) {
-      const f: Inflight = { session: this, call: this.toWire(calls[i]!), worker: null, remake: null, blockedOn: 0, inputRetries: 0 };
+      const f = inflight(this, this.toWire(calls[i]!), null);
       this.inflight.set(f.call.id, f);
       if (fleet.workersGone()) {
         this.parked.push(f);
@@ -962,6 +1001,11 @@ export class FleetSession implements Executor {
         copy ??= args.slice();
         copy[a] = null;
         (deps ??= []).push(depOf(v, a, -1));
+      } else if (v instanceof FutureRef) {
+        // Held by nobody yet: its producer's worker hands it over when the producer ends.
+        copy ??= args.slice();
+        copy[a] = null;
+        (deps ??= []).push({ key: dataKey(this.run, v.producer), holders: NO_HOLDER_IDS, nbytes: 0, arg: a, index: -1 });
       } else if (Array.isArray(v) && v.length > 0 && hasRef(v)) {
         copy ??= args.slice();
         const list = v.slice();
@@ -982,8 +1026,7 @@ export class FleetSession implements Executor {
 
   /** The future result of a call in flight: as an argument, the worker that runs that call hands it over locally. */
   future(producer: number): unknown {
-    const pf = this.inflight.get(producer);
-    return new RemoteRef(new HeldResult(dataKey(this.run, producer), this, pf?.call ?? NO_CALL, 0, -1, null, NO_HOLDERS));
+    return new FutureRef(producer);
   }
 
   /** Send a dependent to its producer's worker now; it starts there when the producer succeeds. */
@@ -991,7 +1034,7 @@ export class FleetSession implements Executor {
     const pf = this.inflight.get(producer);
     const w = pf?.worker ?? null;
     if (w === null || w.retiring || this.closed || this.inflight.has(call.id) || call.resources !== undefined) return false;
-    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0, inputRetries: 0, ahead: true };
+    const f = inflight(this, this.toWire(call), null, producer);
     if (f.call.deps !== undefined) {
       // Every other input must be held by that worker or be known: a lost one rules it out.
       for (const d of f.call.deps) {
@@ -1000,13 +1043,10 @@ export class FleetSession implements Executor {
       }
     }
     this.inflight.set(call.id, f);
-    this.aheadOn.set(producer, f);
+    pf!.consumer = f;
     this.fleet.assign(f, w);
     return true;
   }
-
-  /** Ahead calls by producer id (their deps on it are patched when its value comes back inline). */
-  readonly aheadOn = new Map<number, Inflight>();
 
   cancel(ids: readonly number[]): void {
     const byWorker = new Map<WorkerState, number[]>();
@@ -1099,19 +1139,6 @@ function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
   }
   return wireCall(c, args, deps, c.ret);
 }
-
-const NO_CALL: WireCall = {
-  id: -1,
-  runId: -1,
-  taskKey: '',
-  key: '',
-  args: [],
-  timeoutMs: 0,
-  mapIndex: -1,
-  attempt: 0,
-  loopCount: 0,
-  loopResult: undefined,
-};
 
 function hasRef(list: unknown[]): boolean {
   for (let i = 0; i < list.length; i++) if (list[i] instanceof RemoteRef) return true;
