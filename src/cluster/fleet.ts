@@ -65,6 +65,7 @@ export interface WorkerState {
 /** Shared empty lists (most held results never get waiters; most handles have no path). */
 const NO_WAITERS: Inflight[] = [];
 const NO_PATH: readonly number[] = Object.freeze([]);
+const NO_HOLDER_IDS: readonly string[] = Object.freeze([]);
 
 /** A result held on workers. */
 export class HeldResult {
@@ -104,6 +105,11 @@ export const remoteRefs: ResultRefs = {
   innerLengths: (ref) => ((ref as RemoteRef).path.length === 0 ? (ref as RemoteRef).held.inner : null),
 };
 
+/** What the runner passes on in place of the result of a call still in flight (`FleetSession.future`): only a whole argument. */
+class FutureRef {
+  constructor(readonly producer: number) {}
+}
+
 /** A call on its way to, or on, a worker. */
 export interface Inflight {
   readonly session: FleetSession;
@@ -116,7 +122,44 @@ export interface Inflight {
   /** Times it came back INPUT_LOST and was placed again. */
   inputRetries: number;
   /** Sent ahead of its producer's outcome: waits on that worker, takes no credit. */
-  ahead?: boolean;
+  readonly ahead: boolean;
+  /** The call sent ahead to wait for this one's result on its worker (see `FleetSession.submitAhead`). */
+  consumer: Inflight | null;
+  /**
+   * For an ahead call: its producer's task id, and the producer's value once it came back
+   * inline (NOT_INLINED until then). `call` still names the producer as a dep: the value is
+   * folded in (`settled`) only when the call is used again — sent elsewhere, remade from
+   * lineage, placed anew — which most ahead calls never are.
+   */
+  readonly producer: number;
+  producerValue: unknown;
+}
+
+/** `Inflight.producerValue` before the producer's value came back inline. */
+const NOT_INLINED: unique symbol = Symbol('not inlined');
+
+function inflight(session: FleetSession, call: WireCall, remake: HeldResult | null, producer = -1): Inflight {
+  return {
+    session,
+    call,
+    worker: null,
+    remake,
+    blockedOn: 0,
+    inputRetries: 0,
+    ahead: producer >= 0,
+    consumer: null,
+    producer,
+    producerValue: NOT_INLINED,
+  };
+}
+
+/** The call of `f` with its producer's inline value folded in (once that value came back). */
+function settled(f: Inflight): WireCall {
+  if (f.producerValue !== NOT_INLINED) {
+    f.call = inlineDep(f.call, dataKey(f.session.run, f.producer), f.producerValue);
+    f.producerValue = NOT_INLINED;
+  }
+  return f.call;
 }
 
 /** A released run's `release` waits at most this long for a compute to ride with. */
@@ -206,7 +249,7 @@ export class Fleet {
 
   /** One more (+1) or one fewer (-1) call in flight on a worker (ahead calls are counted apart). */
   private use(w: WorkerState, f: Inflight, delta: 1 | -1): void {
-    if (f.ahead === true) {
+    if (f.ahead) {
       w.aheadUsed += delta;
       return;
     }
@@ -493,6 +536,7 @@ export class Fleet {
   private lastPlaced: WorkerState | null = null;
 
   assign(f: Inflight, w: WorkerState): void {
+    const call = settled(f);
     f.worker = w;
     this.lastPlaced = w;
     this.use(w, f, 1);
@@ -505,7 +549,7 @@ export class Fleet {
       if (w.pending.size === 0) this.dirty.push(w);
       w.pending.set(s.run, (batch = []));
     }
-    batch.push(f.call);
+    batch.push(call);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       setImmediate(this.flushCb);
@@ -579,29 +623,26 @@ export class Fleet {
         f.inputRetries++;
         if (this.retryAfterInputs(f)) continue;
       }
-      if (s.aheadOn.size > 0) {
-        const af = s.aheadOn.get(o.id);
-        if (af !== undefined) {
-          s.aheadOn.delete(o.id);
-          // Its lineage must not wait for a local producer that will never run again.
-          if (o.status === 'ok' && 'value' in o) af.call = inlineDep(af.call, dataKey(run, o.id), o.value);
-        }
+      const af = f.consumer;
+      if (af !== null) {
+        f.consumer = null;
+        // Its lineage must not wait for a local producer that will never run again (folded in by `settled`).
+        if (o.status === 'ok' && 'value' in o) af.producerValue = o.value;
       }
       let value: unknown;
       if (o.status === 'ok') {
         if ('value' in o) value = o.value;
         else {
           const key = dataKey(run, o.id);
-          const h = new HeldResult(key, s, f.call, o.nbytes, o.len, o.inner ?? null);
+          const h = new HeldResult(key, s, settled(f), o.nbytes, o.len, o.inner ?? null);
           h.holders.add(w);
           w.held.set(key, h);
           s.held.set(key, h);
           value = new RemoteRef(h);
         }
       }
-      const out: Outcome = { id: o.id, runId: o.runId, status: o.status, startMs: o.startMs, endMs: o.endMs, worker: w.name };
-      if (value !== undefined) out.value = value;
-      if (o.error !== undefined) out.error = o.error;
+      // Every field in the literal: properties added later would need a backing store per outcome.
+      const out: Outcome = { id: o.id, runId: o.runId, status: o.status, value, error: o.error, startMs: o.startMs, endMs: o.endMs, worker: w.name };
       (batch ??= []).push(out);
     }
     if (batch !== null) s.deliver(batch);
@@ -658,6 +699,7 @@ export class Fleet {
 
   /** Park a call until its lost inputs are recomputed. False when none of its inputs is lost. */
   private retryAfterInputs(f: Inflight): boolean {
+    settled(f);
     f.worker = null;
     const missing = this.blockers(f);
     if (missing === 0) {
@@ -704,7 +746,7 @@ export class Fleet {
     const s = h.session;
     // Same id (the worker stores the result under its key); runId -1: the runner never sees it
     // (its task finished long ago, so no call of the runner's can hold that id meanwhile).
-    const f: Inflight = { session: s, call: { ...h.producer, runId: -1 }, worker: null, remake: h, blockedOn: 0, inputRetries: 0 };
+    const f = inflight(s, { ...h.producer, runId: -1 }, h);
     this.options.log(`recomputing ${h.key} (task "${h.producer.key}") from lineage`);
     s.inflight.set(f.call.id, f);
     if (this.blockers(f) > 0) return;
@@ -751,7 +793,7 @@ export class Fleet {
       for (const s of this.sessions.values()) {
         for (const f of s.inflight.values()) {
           // Not ahead calls, nor producers of ahead calls (their consumers wait on that worker).
-          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || s.aheadOn.has(f.call.id) || n >= want) continue;
+          if (f.worker !== victim || f.call.runId < 0 || f.call.resources !== undefined || f.consumer !== null || n >= want) continue;
           let l = byRun.get(s.run);
           if (l === undefined) byRun.set(s.run, (l = []));
           l.push(f.call.id);
@@ -830,7 +872,30 @@ function refreshDeps(c: WireCall, s: FleetSession): WireCall {
     for (const w of h.holders) holders.push(w.id);
     return { ...d, holders };
   });
-  return { ...c, deps };
+  return wireCall(c, c.args, deps, c.ret);
+}
+
+/**
+ * A WireCall built as one literal of one shape. (Spreading a call and then its optional
+ * fields copied it once per spread, into objects V8 could not keep fast: the biggest
+ * allocation per call on the scheduler.) Absent optional fields are undefined.
+ */
+function wireCall(c: TaskCall, args: unknown[], deps: readonly WireDep[] | undefined, ret: boolean | undefined): WireCall {
+  return {
+    id: c.id,
+    runId: c.runId,
+    taskKey: c.taskKey,
+    key: c.key,
+    args,
+    timeoutMs: c.timeoutMs,
+    mapIndex: c.mapIndex,
+    attempt: c.attempt,
+    loopCount: c.loopCount,
+    loopResult: c.loopResult,
+    resources: c.resources,
+    deps,
+    ret,
+  };
 }
 
 /**
@@ -902,7 +967,7 @@ export class FleetSession implements Executor {
     const fleet = this.fleet;
     fleet.beginBatch(calls.length);
     for (let i = 0; i < calls.length; i++) {
-      const f: Inflight = { session: this, call: this.toWire(calls[i]!), worker: null, remake: null, blockedOn: 0, inputRetries: 0 };
+      const f = inflight(this, this.toWire(calls[i]!), null);
       this.inflight.set(f.call.id, f);
       if (fleet.workersGone()) {
         this.parked.push(f);
@@ -928,22 +993,21 @@ export class FleetSession implements Executor {
   /** Args → WireCall: RemoteRefs (top level, or elements of a list argument) become deps. */
   private toWire(c: TaskCall): WireCall {
     const args = c.args;
-    let deps: WireDep[] | null = null;
-    let copied = false;
+    let deps: WireDep[] | undefined;
+    let copy: unknown[] | null = null;
     for (let a = 0; a < args.length; a++) {
       const v = args[a];
       if (v instanceof RemoteRef) {
-        if (!copied) {
-          c = { ...c, args: args.slice() };
-          copied = true;
-        }
-        c.args[a] = null;
+        copy ??= args.slice();
+        copy[a] = null;
         (deps ??= []).push(depOf(v, a, -1));
+      } else if (v instanceof FutureRef) {
+        // Held by nobody yet: its producer's worker hands it over when the producer ends.
+        copy ??= args.slice();
+        copy[a] = null;
+        (deps ??= []).push({ key: dataKey(this.run, v.producer), holders: NO_HOLDER_IDS, nbytes: 0, arg: a, index: -1 });
       } else if (Array.isArray(v) && v.length > 0 && hasRef(v)) {
-        if (!copied) {
-          c = { ...c, args: args.slice() };
-          copied = true;
-        }
+        copy ??= args.slice();
         const list = v.slice();
         for (let i = 0; i < list.length; i++) {
           const x = list[i];
@@ -952,19 +1016,17 @@ export class FleetSession implements Executor {
             (deps ??= []).push(depOf(x, a, i));
           }
         }
-        c.args[a] = list;
+        copy[a] = list;
       }
     }
-    const ret = this.returnAll || (this.needsValue !== null && this.needsValue(c.key));
-    if (deps === null && !ret) return c;
-    const w: WireCall = { ...c, ...(deps !== null ? { deps } : {}), ...(ret ? { ret: true } : {}) };
-    return w;
+    const ret = this.returnAll || (this.needsValue !== null && this.needsValue(c.key)) ? true : undefined;
+    if (deps === undefined && ret === undefined) return c;
+    return wireCall(c, copy ?? args, deps, ret);
   }
 
   /** The future result of a call in flight: as an argument, the worker that runs that call hands it over locally. */
   future(producer: number): unknown {
-    const pf = this.inflight.get(producer);
-    return new RemoteRef(new HeldResult(dataKey(this.run, producer), this, pf?.call ?? NO_CALL, 0, -1, null));
+    return new FutureRef(producer);
   }
 
   /** Send a dependent to its producer's worker now; it starts there when the producer succeeds. */
@@ -972,7 +1034,7 @@ export class FleetSession implements Executor {
     const pf = this.inflight.get(producer);
     const w = pf?.worker ?? null;
     if (w === null || w.retiring || this.closed || this.inflight.has(call.id) || call.resources !== undefined) return false;
-    const f: Inflight = { session: this, call: this.toWire(call), worker: null, remake: null, blockedOn: 0, inputRetries: 0, ahead: true };
+    const f = inflight(this, this.toWire(call), null, producer);
     if (f.call.deps !== undefined) {
       // Every other input must be held by that worker or be known: a lost one rules it out.
       for (const d of f.call.deps) {
@@ -981,13 +1043,10 @@ export class FleetSession implements Executor {
       }
     }
     this.inflight.set(call.id, f);
-    this.aheadOn.set(producer, f);
+    pf!.consumer = f;
     this.fleet.assign(f, w);
     return true;
   }
-
-  /** Ahead calls by producer id (their deps on it are patched when its value comes back inline). */
-  readonly aheadOn = new Map<number, Inflight>();
 
   cancel(ids: readonly number[]): void {
     const byWorker = new Map<WorkerState, number[]>();
@@ -1063,14 +1122,14 @@ function useResources(w: WorkerState, need: Readonly<Record<string, number>>, si
 function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
   if (c.deps === undefined) return c;
   const args = c.args.slice();
-  const deps: WireDep[] = [];
+  let deps: WireDep[] | undefined;
   for (const d of c.deps) {
     if (d.key !== key) {
-      deps.push(d);
+      (deps ??= []).push(d);
       continue;
     }
     let v = value;
-    for (const p of d.path ?? []) v = (v as unknown[] | undefined)?.[p];
+    if (d.path !== undefined) for (const p of d.path) v = (v as unknown[] | undefined)?.[p];
     if (d.index < 0) args[d.arg] = v;
     else {
       const list = (args[d.arg] as unknown[]).slice();
@@ -1078,24 +1137,8 @@ function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
       args[d.arg] = list;
     }
   }
-  const out: WireCall = { ...c, args };
-  if (deps.length > 0) return { ...out, deps };
-  const { deps: _d, ...rest } = out;
-  return rest;
+  return wireCall(c, args, deps, c.ret);
 }
-
-const NO_CALL: WireCall = {
-  id: -1,
-  runId: -1,
-  taskKey: '',
-  key: '',
-  args: [],
-  timeoutMs: 0,
-  mapIndex: -1,
-  attempt: 0,
-  loopCount: 0,
-  loopResult: undefined,
-};
 
 function hasRef(list: unknown[]): boolean {
   for (let i = 0; i < list.length; i++) if (list[i] instanceof RemoteRef) return true;
@@ -1103,8 +1146,14 @@ function hasRef(list: unknown[]): boolean {
 }
 
 function depOf(r: RemoteRef, arg: number, index: number): WireDep {
-  const holders: string[] = [];
-  for (const w of r.held.holders) holders.push(w.id);
-  const d: WireDep = { key: r.held.key, holders, nbytes: r.held.nbytes, arg, index, ...(r.path.length > 0 ? { path: r.path } : {}) };
-  return d;
+  const h = r.held;
+  let holders: readonly string[] = NO_HOLDER_IDS;
+  if (h.holders.size > 0) {
+    const ids: string[] = [];
+    for (const w of h.holders) ids.push(w.id);
+    holders = ids;
+  }
+  // Two literal shapes, not a conditional spread (a temporary object per dep).
+  if (r.path.length > 0) return { key: h.key, holders, nbytes: h.nbytes, arg, index, path: r.path };
+  return { key: h.key, holders, nbytes: h.nbytes, arg, index };
 }

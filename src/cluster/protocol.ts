@@ -1763,14 +1763,16 @@ export class GraphDecoder {
       if (n.kind !== 'task' && n.kind !== 'parameter' && n.kind !== 'inline') {
         throw new ProtocolError('BAD_MESSAGE', `graphNodes: node ${id} has an unknown kind`, { field: 'kind' });
       }
+      // The graph lives as long as its run: what every node shares (its kind, the words in
+      // its bindings, empty lists) is kept once, not as a decoded copy per node.
       const spec: { -readonly [K in keyof NodeSpec]: NodeSpec[K] } = {
         id,
         key: n.key,
-        kind: n.kind,
+        kind: n.kind === 'task' ? 'task' : n.kind === 'parameter' ? 'parameter' : 'inline',
         taskKey: t >= 0 ? this.strings[t]! : '',
         module: m >= 0 ? this.strings[m]! : '',
-        args: n.args,
-        upstream: n.upstream,
+        args: n.args.length === 0 ? NO_ARGS : internBindings(n.args),
+        upstream: n.upstream.length === 0 ? NO_UPSTREAM : n.upstream,
         mapped: n.mapped === true,
         options,
       };
@@ -1780,6 +1782,23 @@ export class GraphDecoder {
     }
     return out;
   }
+}
+
+const NO_ARGS: readonly ArgBinding[] = Object.freeze([]);
+const NO_UPSTREAM: readonly number[] = Object.freeze([]);
+
+/** Decoded bindings with their `kind` and `mode` words replaced by the shared literals (decoding made a string per binding). */
+function internBindings(args: readonly ArgBinding[]): readonly ArgBinding[] {
+  for (let i = 0; i < args.length; i++) {
+    const b = args[i] as { kind: unknown; mode: unknown } | null;
+    if (typeof b !== 'object' || b === null) continue; // the core reports malformed bindings
+    if (b.kind === 'ref') b.kind = 'ref';
+    else if (b.kind === 'const') b.kind = 'const';
+    if (b.mode === 'plain') b.mode = 'plain';
+    else if (b.mode === 'mapped') b.mode = 'mapped';
+    else if (b.mode === 'flatten') b.mode = 'flatten';
+  }
+  return args;
 }
 
 /** A graph node as data. Throws `ProtocolError` BAD_MESSAGE for what cannot travel (functions). */

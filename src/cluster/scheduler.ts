@@ -18,7 +18,7 @@ import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { runFlow } from '../runner/run.ts';
-import type { FlowRunResult, RunProgress, TaskStateEvent } from '../runner/types.ts';
+import type { FlowRunResult, RunProgress, TaskColumns, TaskStateEvent } from '../runner/types.ts';
 import type { GraphSpec, NodeSpec, TaskStateName } from '../flow/spec.ts';
 import type { Outcome } from '../executor/types.ts';
 import { BundleStore } from './bundle.ts';
@@ -940,9 +940,18 @@ export class SchedulerServer {
  */
 function valueNeeds(spec: GraphSpec): (key: string) => boolean {
   const keys = new Set<string>();
-  for (const n of spec.nodes) {
+  // Indexed, and one options check per distinct options object: this pass runs once per graph, unoptimized.
+  const nodes = spec.nodes;
+  let lastOptions: NodeSpec['options'] | null = null;
+  let persists = false;
+  for (let i = 0; i < nodes.length; i++) {
+    const n = nodes[i]!;
     const o = n.options;
-    if (n.kind === 'task' && (o.checkpoint || o.cacheForMs > 0 || o.result !== null)) keys.add(n.key);
+    if (o !== lastOptions) {
+      lastOptions = o;
+      persists = o.checkpoint || o.cacheForMs > 0 || o.result !== null;
+    }
+    if (n.kind === 'task' && persists) keys.add(n.key);
     if (n.kind === 'inline') {
       for (const b of n.args) if (b.kind === 'ref') keys.add(spec.nodes[b.node]!.key);
     }
@@ -953,6 +962,8 @@ function valueNeeds(spec: GraphSpec): (key: string) => boolean {
 
 /** A finished run's records in columns. */
 export function toRecords(r: FlowRunResult): RunRecords {
+  const cols = r.taskColumns?.();
+  if (cols !== undefined) return recordsOf(r, cols);
   const tasks = r.tasks;
   const n = tasks.length;
   const node = new Array<number>(n);
@@ -985,6 +996,71 @@ export function toRecords(r: FlowRunResult): RunRecords {
       }
       worker[i] = w;
     }
+    if (t.error !== undefined) errors.push([i, t.error]);
+    if (t.state !== 'Success' && t.state !== 'Cached' && t.state !== 'Mapped' && stories.length < 1000) {
+      stories.push([i, r.story(t.node, t.mapIndex)]);
+    }
+  }
+  return {
+    runId: r.runId,
+    state: r.state,
+    message: r.message,
+    startMs: r.startMs,
+    endMs: r.endMs,
+    parameters: r.parameters,
+    node,
+    mapIndex,
+    state_,
+    attempts,
+    start,
+    end,
+    worker,
+    workerNames,
+    errors,
+    stories,
+  };
+}
+
+/** `toRecords` from the runner's columns: one record object only for a task run that did not simply succeed. */
+function recordsOf(r: FlowRunResult, cols: TaskColumns): RunRecords {
+  const n = cols.size;
+  const node = new Array<number>(n);
+  const mapIndex = new Array<number>(n);
+  const state_ = new Array<number>(n);
+  const attempts = new Array<number>(n);
+  const start = new Array<number>(n);
+  const end = new Array<number>(n);
+  const worker = new Array<number>(n);
+  const workerNames: string[] = [];
+  const workerIdx = new Map<string, number>();
+  const errors: [number, RunRecords['errors'][number][1]][] = [];
+  const stories: [number, readonly string[]][] = [];
+  const stateIdx = cols.stateNames.map((name) => STATE_ORDER.indexOf(name));
+  let lastName: string | undefined;
+  let lastIdx = -1;
+  for (let i = 0; i < n; i++) {
+    node[i] = cols.node[i]!;
+    mapIndex[i] = cols.mapIndex[i]!;
+    state_[i] = Math.max(0, stateIdx[cols.state[i]!] ?? 0);
+    attempts[i] = cols.attempts[i]!;
+    start[i] = cols.startMs[i] ?? 0;
+    end[i] = cols.endMs[i] ?? 0;
+    const w = cols.worker[i];
+    if (w === undefined) worker[i] = -1;
+    else if (w === lastName) worker[i] = lastIdx; // runs of one worker's tasks: no Map lookup
+    else {
+      let k = workerIdx.get(w);
+      if (k === undefined) {
+        k = workerNames.length;
+        workerNames.push(w);
+        workerIdx.set(w, k);
+      }
+      worker[i] = k;
+      lastName = w;
+      lastIdx = k;
+    }
+    if (cols.plain(i)) continue;
+    const t = cols.record(i);
     if (t.error !== undefined) errors.push([i, t.error]);
     if (t.state !== 'Success' && t.state !== 'Cached' && t.state !== 'Mapped' && stories.length < 1000) {
       stories.push([i, r.story(t.node, t.mapIndex)]);

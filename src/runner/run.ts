@@ -27,7 +27,7 @@ import {
   wantsCheckpoint,
   writeResult,
 } from './results.ts';
-import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, TaskRunRecord } from './types.ts';
+import type { FlowRunResult, NodeRef, RestartRecord, RunOptions, RunProgress, TaskColumns, TaskRunRecord } from './types.ts';
 
 const now = (): number => performance.timeOrigin + performance.now();
 
@@ -54,7 +54,10 @@ function specInfo(spec: GraphSpec): SpecInfo {
   const distinct = new Map<string, NodeSpec>();
   let hasHandlers = false;
   let lastOptions: NodeSpec['options'] | null = null;
-  for (const n of spec.nodes) {
+  // Indexed loops in these once-per-run passes: a for-of that runs before it is optimized allocates per node.
+  const nodes = spec.nodes;
+  for (let i = 0; i < nodes.length; i++) {
+    const n = nodes[i]!;
     if (n.kind === 'parameter') parameters.push(n);
     else if (n.kind === 'task' && !distinct.has(n.taskKey)) distinct.set(n.taskKey, n);
     const o = n.options;
@@ -156,6 +159,27 @@ function checkResolvable(spec: GraphSpec, executor: Executor): void {
   }
 }
 
+/** Links of chains sent ahead (see `FlowRun.sendAhead`): the last one sent, and how many were sent. */
+interface AheadChain {
+  tail: number;
+  tailPos: number;
+  /** A link left the chain before its turn (cancelled, lost): positions no longer count links in flight. */
+  broken: boolean;
+}
+
+/** A call sent ahead, by task id. */
+interface AheadEntry {
+  /** The negative run id it was sent with. */
+  readonly token: number;
+  /** Its task was dispatched (the call on the worker stands for it). */
+  taken: boolean;
+  /** It ran before its task was dispatched: applied then. */
+  outcome: Outcome | null;
+  chain: AheadChain;
+  /** Position in its chain (the tail has `chain.tailPos`). */
+  pos: number;
+}
+
 /** Ready tasks taken from the core per batch, at most. */
 const OUT_MAX = 4096;
 
@@ -188,8 +212,13 @@ class FlowRun {
    */
   private readonly special: Uint8Array;
   private readonly t0 = now();
-  /** Calls sent ahead to a producer's worker, by task id (see `sendAhead`). */
-  private readonly ahead = new Map<number, { token: number; taken: boolean; outcome: Outcome | null }>();
+  /**
+   * Calls sent ahead to a producer's worker, by task id (see `sendAhead`; only static
+   * tasks are sent ahead). Sized to the spec at the first one: a Map's set and delete per
+   * link showed in chains' profiles.
+   */
+  private ahead: (AheadEntry | undefined)[] = [];
+  private aheadCount = 0;
   private aheadSeq = 0;
   private readonly canAhead: boolean;
   private pumping = false;
@@ -331,13 +360,13 @@ class FlowRun {
   /** A TaskCall for the executor, or null when the runner settled the task itself. */
   private prepare(id: number): TaskCall | null {
     const core = this.core;
-    if (this.ahead.size > 0) {
-      const e = this.ahead.get(id);
+    if (this.aheadCount > 0) {
+      const e = this.ahead[id];
       if (e !== undefined) {
         // Already on a worker (sent ahead): no new call.
         if (e.outcome !== null) {
-          this.ahead.delete(id);
-          this.apply({ ...e.outcome, runId: core.runId[id]! });
+          this.dropAhead(id);
+          this.apply(e.outcome, core.runId[id]!);
         } else {
           e.taken = true;
           if (this.canAhead) this.sendAhead(id);
@@ -380,7 +409,7 @@ class FlowRun {
       mapIndex,
       attempt: core.attempts[id]!,
       loopCount: core.loopCount[id]!,
-      loopResult: this.loopValues.get(id),
+      loopResult: this.loopValues.size > 0 ? this.loopValues.get(id) : undefined,
     };
   }
 
@@ -462,10 +491,11 @@ class FlowRun {
     this.pump();
   }
 
-  private apply(o: Outcome): void {
+  /** An outcome for the dispatch `runId` (an ahead call's outcome carries its token instead). */
+  private apply(o: Outcome, runId = o.runId): void {
     const core = this.core;
     const id = o.id;
-    if (!core.current(id, o.runId)) return; // stale: rescheduled meanwhile
+    if (!core.current(id, runId)) return; // stale: rescheduled meanwhile
     if (o.startMs > 0) this.startMs[id] = o.startMs;
     this.endMs[id] = o.endMs > 0 ? o.endMs : now();
     if (o.worker !== undefined) this.workers[id] = o.worker;
@@ -476,12 +506,12 @@ class FlowRun {
         try {
           this.persist(id, node, o.value);
         } catch (err) {
-          this.settleError(id, o.runId, err);
+          this.settleError(id, runId, err);
           return;
         }
       }
-      core.success(id, o.runId);
-    } else this.settleOutcome(id, o);
+      core.success(id, runId);
+    } else this.settleOutcome(id, o, runId);
   }
 
   // --- ahead calls (a chain's next link sent to its producer's worker) --------------
@@ -490,17 +520,38 @@ class FlowRun {
    * After dispatching `id`: while the task that becomes ready exactly when the current
    * one succeeds is a plain task, send it ahead (up to AHEAD_DEPTH links) to the worker
    * of its producer, with the producer's future result as its input.
+   *
+   * O(1) per link in a long chain: the links already in flight past `id` are not walked
+   * again; the chain's tail (and each link's position in it) says where to extend and how
+   * deep it already is. A chain with a link dropped from its middle is walked once more.
    */
   private sendAhead(id: number): void {
     const ex = this.executor;
     const core = this.core;
     let cur = id;
-    for (let depth = 0; depth < AHEAD_DEPTH; depth++) {
+    let depth = 0;
+    const e = this.ahead[id];
+    let chain: AheadChain;
+    if (e !== undefined && !e.chain.broken) {
+      chain = e.chain;
+      cur = chain.tail;
+      depth = chain.tailPos - e.pos;
+    } else {
+      chain = { tail: id, tailPos: 0, broken: false };
+      if (e !== undefined) {
+        e.chain = chain;
+        e.pos = 0;
+      }
+    }
+    for (; depth < AHEAD_DEPTH; depth++) {
       const d = core.aheadCandidate(cur);
       if (d < 0) return;
-      if (this.ahead.has(d)) {
+      const known = this.ahead[d];
+      if (known !== undefined) {
         // Already sent: extend the chain past it (keeps AHEAD_DEPTH links in flight).
-        cur = d;
+        known.chain = chain;
+        known.pos = ++chain.tailPos;
+        chain.tail = cur = d;
         continue;
       }
       const nodeId = core.node[d]!;
@@ -520,26 +571,35 @@ class FlowRun {
       const call = this.call(d, node, token, -1, args);
       call.attempt = core.attempts[d]! + 1;
       if (!ex.submitAhead!(call, cur)) return;
-      this.ahead.set(d, { token, taken: false, outcome: null });
-      cur = d;
+      if (this.ahead.length === 0) this.ahead = new Array<AheadEntry | undefined>(this.core.nStatic);
+      this.ahead[d] = { token, taken: false, outcome: null, chain, pos: ++chain.tailPos };
+      this.aheadCount++;
+      chain.tail = cur = d;
     }
+  }
+
+  private dropAhead(id: number): void {
+    this.ahead[id] = undefined;
+    this.aheadCount--;
   }
 
   /** The outcome of an ahead call: applied once its task is dispatched, dropped when it never ran. */
   private aheadOutcome(o: Outcome): void {
-    const e = this.ahead.get(o.id);
+    const e = this.ahead[o.id];
     if (e === undefined || e.token !== o.runId) return;
     if (e.taken) {
-      this.ahead.delete(o.id);
-      this.apply({ ...o, runId: this.core.runId[o.id]! });
+      this.dropAhead(o.id);
+      this.apply(o, this.core.runId[o.id]!);
       return;
     }
-    if (o.status === 'cancelled' || o.status === 'lost') this.ahead.delete(o.id); // it never ran: dispatch normally
-    else e.outcome = o; // it ran: apply when the task becomes ready (its producer's outcome comes first)
+    if (o.status === 'cancelled' || o.status === 'lost') {
+      // It never ran: dispatch normally. Its chain lost a link in the middle: walk it again.
+      this.dropAhead(o.id);
+      e.chain.broken = true;
+    } else e.outcome = o; // it ran: apply when the task becomes ready (its producer's outcome comes first)
   }
 
-  private settleOutcome(id: number, o: Outcome): void {
-    const runId = o.runId;
+  private settleOutcome(id: number, o: Outcome, runId: number): void {
     switch (o.status) {
       case 'timeout':
         this.recordError(id, o.error);
@@ -891,6 +951,24 @@ class FlowRun {
       },
       taskResult(id: number): unknown {
         return results[id];
+      },
+      taskColumns(): TaskColumns {
+        return {
+          size: core.size,
+          node: core.node,
+          mapIndex: core.mapIndex,
+          state: core.state,
+          stateNames: S.STATE_NAMES,
+          attempts: core.attempts,
+          startMs,
+          endMs: ends,
+          worker: workers,
+          plain(id: number): boolean {
+            const s = core.state[id]!;
+            return (s === S.SUCCESS || s === S.CACHED || s === S.MAPPED) && !errors.has(id) && !core.messages.has(id);
+          },
+          record,
+        };
       },
       stateOf(ref: NodeRef): TaskStateName {
         return core.stateName(idOf(ref));

@@ -99,6 +99,24 @@ export interface TaskStateEvent {
   at: number;
 }
 
+/** `FlowRunResult.tasks` in columns, indexed by task id (arrays may be longer than `size`). */
+export interface TaskColumns {
+  readonly size: number;
+  readonly node: ArrayLike<number>;
+  readonly mapIndex: ArrayLike<number>;
+  /** State per task, as an index into `stateNames`. */
+  readonly state: ArrayLike<number>;
+  readonly stateNames: readonly TaskStateName[];
+  readonly attempts: ArrayLike<number>;
+  readonly startMs: ArrayLike<number>;
+  readonly endMs: ArrayLike<number>;
+  readonly worker: readonly (string | undefined)[];
+  /** The task run succeeded (Success, Cached or Mapped) and its record carries no error: the columns say all. */
+  plain(id: number): boolean;
+  /** The full record (as `tasks[id]`). */
+  record(id: number): TaskRunRecord;
+}
+
 export interface TaskRunRecord {
   /** Node key in the flow (mapped children share their parent's key). */
   key: string;
@@ -132,6 +150,11 @@ export interface FlowRunResult {
   result<T = unknown>(ref: NodeRef | { readonly node: number; readonly __type?: T }): T;
   /** Internal: the result of one task run by its id (`TaskRunRecord` order), for a cluster scheduler answering its client. */
   taskResult?(id: number): unknown;
+  /**
+   * Internal: the task runs' records in columns, for a cluster scheduler sending them to
+   * its client (no record object per task run; `record(id)` for the few that need more).
+   */
+  taskColumns?(): TaskColumns;
   /** The final state of a node (for a mapped node, the parent's state). */
   stateOf(ref: NodeRef): TaskStateName;
   /** The task runs of a node: the node itself, then its mapped children by index. */

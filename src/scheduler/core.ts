@@ -749,7 +749,8 @@ export class SchedulerCore {
       else if (isFailedLike(s)) failed++;
       else if (!isFinished(s)) paused++;
     };
-    for (const r of this.spec.referenceTasks) visit(r);
+    const refs = this.spec.referenceTasks;
+    for (let i = 0; i < refs.length; i++) visit(refs[i]!); // indexed: once per run, so unoptimized (a for-of allocates per task)
     if (this.cancelling) return { state: 'Cancelled', message: 'The run was cancelled.' };
     if (failed > 0) return { state: 'Failed', message: `${failed} reference task run(s) failed.` };
     if (cancelled > 0) return { state: 'Cancelled', message: `${cancelled} reference task run(s) were cancelled.` };
