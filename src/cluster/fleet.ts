@@ -121,12 +121,11 @@ export interface Inflight {
   blockedOn: number;
   /** Times it came back INPUT_LOST and was placed again. */
   inputRetries: number;
-  /** Sent ahead of its producer's outcome: waits on that worker, takes no credit. */
-  readonly ahead: boolean;
   /** The call sent ahead to wait for this one's result on its worker (see `FleetSession.submitAhead`). */
   consumer: Inflight | null;
   /**
-   * For an ahead call: its producer's task id, and the producer's value once it came back
+   * For an ahead call (sent ahead of its producer's outcome: it waits on that worker and
+   * takes no credit): its producer's task id (-1 for other calls), and the producer's value once it came back
    * inline (NOT_INLINED until then). `call` still names the producer as a dep: the value is
    * folded in (`settled`) only when the call is used again — sent elsewhere, remade from
    * lineage, placed anew — which most ahead calls never are.
@@ -146,7 +145,6 @@ function inflight(session: FleetSession, call: WireCall, remake: HeldResult | nu
     remake,
     blockedOn: 0,
     inputRetries: 0,
-    ahead: producer >= 0,
     consumer: null,
     producer,
     producerValue: NOT_INLINED,
@@ -249,7 +247,7 @@ export class Fleet {
 
   /** One more (+1) or one fewer (-1) call in flight on a worker (ahead calls are counted apart). */
   private use(w: WorkerState, f: Inflight, delta: 1 | -1): void {
-    if (f.ahead) {
+    if (f.producer >= 0) {
       w.aheadUsed += delta;
       return;
     }
@@ -543,7 +541,6 @@ export class Fleet {
     if (f.call.resources !== undefined) useResources(w, f.call.resources, 1);
     this.stats.assigned++;
     const s = f.session;
-    s.touched.add(w);
     let batch = w.pending.get(s.run);
     if (batch === undefined) {
       if (w.pending.size === 0) this.dirty.push(w);
@@ -567,11 +564,16 @@ export class Fleet {
       for (const [run, calls] of w.pending) {
         const s = this.sessions.get(run);
         if (s === undefined) continue;
+        s.touched.add(w); // once per batch, not per call (releases go where compute went)
         let peers: Record<string, string> | undefined;
-        for (const c of calls) {
-          if (c.deps === undefined) continue;
-          for (const d of c.deps) {
-            for (const id of d.holders) {
+        // Indexed loops: this runs a few times per run, often before it is optimized (a for-of allocates per item then).
+        for (let i = 0; i < calls.length; i++) {
+          const deps = calls[i]!.deps;
+          if (deps === undefined) continue;
+          for (let j = 0; j < deps.length; j++) {
+            const holders = deps[j]!.holders;
+            for (let k = 0; k < holders.length; k++) {
+              const id = holders[k]!;
               const h = this.workers.get(id);
               if (h === undefined || h === w || w.knownPeers.has(id) || h.address === '') continue;
               (peers ??= {})[id] = h.address;
@@ -1000,12 +1002,12 @@ export class FleetSession implements Executor {
       if (v instanceof RemoteRef) {
         copy ??= args.slice();
         copy[a] = null;
-        (deps ??= []).push(depOf(v, a, -1));
+        deps = withDep(deps, depOf(v, a, -1));
       } else if (v instanceof FutureRef) {
         // Held by nobody yet: its producer's worker hands it over when the producer ends.
         copy ??= args.slice();
         copy[a] = null;
-        (deps ??= []).push({ key: dataKey(this.run, v.producer), holders: NO_HOLDER_IDS, nbytes: 0, arg: a, index: -1 });
+        deps = withDep(deps, { key: dataKey(this.run, v.producer), holders: NO_HOLDER_IDS, nbytes: 0, arg: a, index: -1 });
       } else if (Array.isArray(v) && v.length > 0 && hasRef(v)) {
         copy ??= args.slice();
         const list = v.slice();
@@ -1013,7 +1015,7 @@ export class FleetSession implements Executor {
           const x = list[i];
           if (x instanceof RemoteRef) {
             list[i] = null;
-            (deps ??= []).push(depOf(x, a, i));
+            deps = withDep(deps, depOf(x, a, i));
           }
         }
         copy[a] = list;
@@ -1138,6 +1140,13 @@ function inlineDep(c: WireCall, key: string, value: unknown): WireCall {
     }
   }
   return wireCall(c, args, deps, c.ret);
+}
+
+/** `deps` with `d` added: a list of one to start (most calls have one dep; `[]` then push reserves room for 17). */
+function withDep(deps: WireDep[] | undefined, d: WireDep): WireDep[] {
+  if (deps === undefined) return [d];
+  deps.push(d);
+  return deps;
 }
 
 function hasRef(list: unknown[]): boolean {

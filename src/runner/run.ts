@@ -953,6 +953,8 @@ class FlowRun {
         return results[id];
       },
       taskColumns(): TaskColumns {
+        // Most runs have no error and no core message at all: then the state alone decides.
+        const noNotes = errors.size === 0 && core.messages.size === 0;
         return {
           size: core.size,
           node: core.node,
@@ -965,7 +967,7 @@ class FlowRun {
           worker: workers,
           plain(id: number): boolean {
             const s = core.state[id]!;
-            return (s === S.SUCCESS || s === S.CACHED || s === S.MAPPED) && !errors.has(id) && !core.messages.has(id);
+            return (s === S.SUCCESS || s === S.CACHED || s === S.MAPPED) && (noNotes || (!errors.has(id) && !core.messages.has(id)));
           },
           record,
         };
