@@ -19,10 +19,12 @@ import {
   dispatch,
   directionsOf,
   errorFromWire,
+  fromColumns,
   fromWireNode,
   outcomesFromColumns,
   outcomesOf,
   outcomesToColumns,
+  toColumns,
   toWireNode,
   wireError,
   type Direction,
@@ -31,8 +33,10 @@ import {
   type Message,
   type MessageTo,
   type Op,
+  type CallColumns,
   type NodeColumns,
   type OutcomeColumns,
+  type WireCall,
   type WireOutcome,
   type WireNode,
   type WorkerToScheduler,
@@ -279,6 +283,60 @@ describe('FrameCodec round trip', () => {
     // @ts-expect-error compute travels scheduler → worker only
     const wrong: WorkerToScheduler = samples.compute;
     expect([fromWorker.op, toClient.op, wrong.op]).toEqual(['outcomes', 'taskEvents', 'compute']);
+  });
+});
+
+describe('calls in columns', () => {
+  const base = { taskKey: 'file:///t.ts#f', key: 'f', timeoutMs: 0, mapIndex: -1, attempt: 1, loopCount: 0, loopResult: undefined };
+  const calls: WireCall[] = [
+    { ...base, id: 1, runId: 10, args: [1, 2] },
+    { ...base, id: 2, runId: 11, args: [null, 'x'], deps: [{ key: '4:1', holders: [], nbytes: 9, arg: 0, index: -1 }] },
+    {
+      ...base,
+      id: 3,
+      runId: 12,
+      taskKey: 'file:///t.ts#g',
+      key: 'g',
+      mapIndex: 4,
+      attempt: 2,
+      timeoutMs: 1500,
+      args: [[null, null], null],
+      deps: [
+        { key: '4:1', holders: ['w1', 'w2'], nbytes: 100, arg: 0, index: 0 },
+        { key: '4:2', holders: ['w2'], nbytes: 2 ** 40, arg: 0, index: 1, path: [3, 0] },
+        { key: '4:3', holders: [], nbytes: 0, arg: 1, index: -1 },
+      ],
+      ret: true,
+    },
+    { ...base, id: 2 ** 40, runId: 13, args: [], loopCount: 2, loopResult: { n: 1 }, resources: { GPU: 1 } },
+  ];
+
+  it('round-trip through a codec: every field, inputs with their holders and paths, extras', () => {
+    const { tx, rx } = pair({ receives: 's2w' });
+    const cols = toColumns(calls);
+    expect(cols.taskKeys).toEqual(['file:///t.ts#f', 'file:///t.ts#g']); // each key once
+    const [m] = rx.decode(tx.encode([{ op: 'compute', run: 4, modules: [], bundle: '', calls: [], cols }]));
+    expect(fromColumns((m as Extract<Message, { op: 'compute' }>).cols!)).toEqual(calls);
+  });
+
+  it('refuse columns that do not fit together, naming the column', () => {
+    const good = toColumns(calls);
+    const cases: [Partial<Record<keyof CallColumns, unknown>>, string][] = [
+      [{ id: [1, 2, 3, 4] }, '"id"'],
+      [{ taskKey: new Int32Array([0, 0, 7, 0]) }, '"taskKey[2]"'],
+      [{ args: [[], [], 5, []] }, '"args[2]"'],
+      [{ ndeps: new Int32Array([0, 1, 9, 0]) }, '"ndeps[2]"'],
+      [{ ndeps: new Int32Array([0, 1, 1, 0]) }, '"ndeps"'],
+      [{ nholders: new Int32Array([0, 9, 1, 0]) }, '"nholders[1]"'],
+      [{ nholders: new Int32Array([0, 1, 1, 0]) }, '"nholders"'],
+      [{ depArg: new Int32Array(1) }, '"depArg"'],
+      [{ depPaths: [{ d: 40, path: [] }] }, '"depPaths[].d"'],
+      [{ extra: [{ i: -1 }] }, '"extra[].i"'],
+    ];
+    for (const [change, named] of cases) {
+      const bad = { ...good, ...change } as unknown as CallColumns;
+      expect(() => fromColumns(bad), named).toThrow(expect.objectContaining({ code: 'BAD_MESSAGE', message: expect.stringContaining(named) }));
+    }
   });
 });
 

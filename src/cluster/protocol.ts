@@ -548,54 +548,84 @@ export interface WireCall extends TaskCall {
 }
 
 /**
- * A batch of calls in columns: one array per field and each task key once, so a batch
- * of thousands encodes as a few arrays instead of thousands of records.
+ * A batch of calls in columns: each task key once, the numbers as typed arrays (msgpack
+ * binary extensions: one copy each), and the inputs of every call as slices of flat
+ * columns, so a batch of thousands encodes as a few arrays and copies instead of a
+ * record per call and per input.
  */
 export interface CallColumns {
   readonly taskKeys: readonly string[];
-  readonly id: readonly number[];
-  readonly runId: readonly number[];
+  readonly id: Float64Array;
+  readonly runId: Float64Array;
   /** Index into `taskKeys`. */
-  readonly taskKey: readonly number[];
+  readonly taskKey: Int32Array;
   readonly key: readonly string[];
   readonly args: readonly (readonly unknown[])[];
-  readonly timeoutMs: readonly number[];
-  readonly mapIndex: readonly number[];
-  readonly attempt: readonly number[];
-  readonly loopCount: readonly number[];
-  /** Per call: null, or the fields only some calls carry. */
-  readonly more: readonly (CallExtras | null)[];
+  readonly timeoutMs: Float64Array;
+  readonly mapIndex: Float64Array;
+  readonly attempt: Float64Array;
+  readonly loopCount: Float64Array;
+  /** Inputs (`WireCall.deps`) per call; their fields follow, call after call. */
+  readonly ndeps: Int32Array;
+  readonly depKey: readonly string[];
+  readonly depNbytes: Float64Array;
+  readonly depArg: Int32Array;
+  readonly depIndex: Int32Array;
+  /** Holders per input, and all of them in input order. */
+  readonly nholders: Int32Array;
+  readonly holders: readonly string[];
+  /** Element paths, for the inputs that have one (by input index). */
+  readonly depPaths: readonly { readonly d: number; readonly path: readonly number[] }[];
+  /** The fields only some calls carry, by call index. */
+  readonly extra: readonly CallExtras[];
 }
 
 export interface CallExtras {
+  readonly i: number;
   readonly loopResult?: unknown;
-  readonly deps?: readonly WireDep[];
   readonly ret?: boolean;
   readonly resources?: Readonly<Record<string, number>>;
 }
+
+const NO_HOLDERS: readonly string[] = Object.freeze([]);
 
 /** Calls → columns (`ComputeMsg.cols`). */
 export function toColumns(calls: readonly WireCall[]): CallColumns {
   const n = calls.length;
   const taskKeys: string[] = [];
   const keyIndex = new Map<string, number>();
-  const id = new Array<number>(n);
-  const runId = new Array<number>(n);
-  const taskKey = new Array<number>(n);
+  const id = new Float64Array(n);
+  const runId = new Float64Array(n);
+  const taskKey = new Int32Array(n);
   const key = new Array<string>(n);
   const args = new Array<readonly unknown[]>(n);
-  const timeoutMs = new Array<number>(n);
-  const mapIndex = new Array<number>(n);
-  const attempt = new Array<number>(n);
-  const loopCount = new Array<number>(n);
-  const more = new Array<CallExtras | null>(n);
+  const timeoutMs = new Float64Array(n);
+  const mapIndex = new Float64Array(n);
+  const attempt = new Float64Array(n);
+  const loopCount = new Float64Array(n);
+  const ndeps = new Int32Array(n);
+  const depKey: string[] = [];
+  const depNbytes: number[] = [];
+  const depArg: number[] = [];
+  const depIndex: number[] = [];
+  const nholders: number[] = [];
+  const holders: string[] = [];
+  const depPaths: { d: number; path: readonly number[] }[] = [];
+  const extra: CallExtras[] = [];
+  let lastTaskKey = '';
+  let lastIndex = -1;
   for (let i = 0; i < n; i++) {
     const c = calls[i]!;
-    let k = keyIndex.get(c.taskKey);
-    if (k === undefined) {
-      k = taskKeys.length;
-      taskKeys.push(c.taskKey);
-      keyIndex.set(c.taskKey, k);
+    let k = lastIndex;
+    if (c.taskKey !== lastTaskKey || k < 0) {
+      k = keyIndex.get(c.taskKey) ?? -1;
+      if (k < 0) {
+        k = taskKeys.length;
+        taskKeys.push(c.taskKey);
+        keyIndex.set(c.taskKey, k);
+      }
+      lastTaskKey = c.taskKey;
+      lastIndex = k;
     }
     id[i] = c.id;
     runId[i] = c.runId;
@@ -606,53 +636,138 @@ export function toColumns(calls: readonly WireCall[]): CallColumns {
     mapIndex[i] = c.mapIndex;
     attempt[i] = c.attempt;
     loopCount[i] = c.loopCount;
-    if (c.loopResult === undefined && c.deps === undefined && c.ret === undefined && c.resources === undefined) more[i] = null;
-    else {
-      const x: { -readonly [K in keyof CallExtras]: CallExtras[K] } = {};
+    const deps = c.deps;
+    if (deps !== undefined) {
+      ndeps[i] = deps.length;
+      for (let j = 0; j < deps.length; j++) {
+        const d = deps[j]!;
+        if (d.path !== undefined) depPaths.push({ d: depKey.length, path: d.path });
+        depKey.push(d.key);
+        depNbytes.push(d.nbytes);
+        depArg.push(d.arg);
+        depIndex.push(d.index);
+        const hs = d.holders;
+        nholders.push(hs.length);
+        for (let h = 0; h < hs.length; h++) holders.push(hs[h]!);
+      }
+    }
+    if (c.loopResult !== undefined || c.ret !== undefined || c.resources !== undefined) {
+      const x: { -readonly [K in keyof CallExtras]: CallExtras[K] } = { i };
       if (c.loopResult !== undefined) x.loopResult = c.loopResult;
-      if (c.deps !== undefined) x.deps = c.deps;
       if (c.ret !== undefined) x.ret = c.ret;
       if (c.resources !== undefined) x.resources = c.resources;
-      more[i] = x;
+      extra.push(x);
     }
   }
-  return { taskKeys, id, runId, taskKey, key, args, timeoutMs, mapIndex, attempt, loopCount, more };
+  return {
+    taskKeys,
+    id,
+    runId,
+    taskKey,
+    key,
+    args,
+    timeoutMs,
+    mapIndex,
+    attempt,
+    loopCount,
+    ndeps,
+    depKey,
+    depNbytes: Float64Array.from(depNbytes),
+    depArg: Int32Array.from(depArg),
+    depIndex: Int32Array.from(depIndex),
+    nholders: Int32Array.from(nholders),
+    holders,
+    depPaths,
+    extra,
+  };
+}
+
+function badCallColumn(field: string, expected: string): never {
+  throw new ProtocolError('BAD_MESSAGE', `compute: column "${field}" must be ${expected}`, { op: 'compute', field, expected });
 }
 
 /** Columns → calls. Throws ProtocolError BAD_MESSAGE for columns of different lengths or wrong types. */
 export function fromColumns(c: CallColumns): WireCall[] {
-  const bad = (field: string, expected: string): never => {
-    throw new ProtocolError('BAD_MESSAGE', `compute: column "${field}" must be ${expected}`, { op: 'compute', field, expected });
-  };
+  const bad = badCallColumn;
   if (typeof c !== 'object' || c === null) bad('cols', 'an object');
-  const cols = ['taskKeys', 'id', 'runId', 'taskKey', 'key', 'args', 'timeoutMs', 'mapIndex', 'attempt', 'loopCount', 'more'] as const;
-  for (const f of cols) if (!Array.isArray(c[f])) bad(f, 'an array');
-  const n = c.id.length;
-  for (const f of cols) if (f !== 'taskKeys' && c[f].length !== n) bad(f, `an array of ${n} (as long as "id")`);
+  for (const f of ['taskKeys', 'key', 'args', 'depKey', 'holders', 'depPaths', 'extra'] as const) if (!Array.isArray(c[f])) bad(f, 'an array');
+  const n = c.key.length;
+  const perCall: readonly [keyof CallColumns, new (n: number) => ArrayLike<number>][] = [
+    ['id', Float64Array],
+    ['runId', Float64Array],
+    ['taskKey', Int32Array],
+    ['timeoutMs', Float64Array],
+    ['mapIndex', Float64Array],
+    ['attempt', Float64Array],
+    ['loopCount', Float64Array],
+    ['ndeps', Int32Array],
+  ];
+  for (const [f, T] of perCall) if (!(c[f] instanceof T) || (c[f] as ArrayLike<number>).length !== n) bad(f, `a ${T.name} of ${n} (as long as "key")`);
+  if (c.args.length !== n) bad('args', `an array of ${n} (as long as "key")`);
+  const nd = c.depKey.length;
+  const perDep: readonly [keyof CallColumns, new (n: number) => ArrayLike<number>][] = [
+    ['depNbytes', Float64Array],
+    ['depArg', Int32Array],
+    ['depIndex', Int32Array],
+    ['nholders', Int32Array],
+  ];
+  for (const [f, T] of perDep) if (!(c[f] instanceof T) || (c[f] as ArrayLike<number>).length !== nd) bad(f, `a ${T.name} of ${nd} (as long as "depKey")`);
+  let paths: Map<number, readonly number[]> | null = null;
+  for (const p of c.depPaths) {
+    if (typeof p !== 'object' || p === null || !Number.isInteger(p.d) || p.d < 0 || p.d >= nd) bad('depPaths[].d', `an input index below ${nd}`);
+    (paths ??= new Map()).set(p.d, p.path);
+  }
   const out = new Array<WireCall>(n);
+  let d = 0;
+  let h = 0;
   for (let i = 0; i < n; i++) {
     const tk = c.taskKeys[c.taskKey[i]!];
     if (typeof tk !== 'string') bad(`taskKey[${i}]`, 'an index into "taskKeys"');
-    const x = c.more[i];
-    if (x !== null && (typeof x !== 'object' || Array.isArray(x))) bad(`more[${i}]`, 'null or an object');
+    const args = c.args[i];
+    if (!Array.isArray(args)) bad(`args[${i}]`, 'an array');
     const call: { -readonly [K in keyof WireCall]: WireCall[K] } = {
       id: c.id[i]!,
       runId: c.runId[i]!,
       taskKey: tk as string,
       key: c.key[i]!,
-      args: c.args[i] as unknown[],
+      args: args as unknown[],
       timeoutMs: c.timeoutMs[i]!,
       mapIndex: c.mapIndex[i]!,
       attempt: c.attempt[i]!,
       loopCount: c.loopCount[i]!,
-      loopResult: x?.loopResult,
+      loopResult: undefined,
     };
-    if (x != null) {
-      if (x.deps !== undefined) call.deps = x.deps;
-      if (x.ret !== undefined) call.ret = x.ret;
-      if (x.resources !== undefined) call.resources = x.resources;
-    }
+    const k = c.ndeps[i]!;
+    if (k > 0) {
+      if (d + k > nd) bad(`ndeps[${i}]`, 'a count within "depKey"');
+      const deps = new Array<WireDep>(k);
+      for (let j = 0; j < k; j++, d++) {
+        const nh = c.nholders[d]!;
+        if (nh < 0 || h + nh > c.holders.length) bad(`nholders[${d}]`, 'a count within "holders"');
+        let hs = NO_HOLDERS;
+        if (nh > 0) {
+          const list = new Array<string>(nh);
+          for (let x = 0; x < nh; x++) list[x] = c.holders[h++]!;
+          hs = list;
+        }
+        const path = paths?.get(d);
+        deps[j] =
+          path === undefined
+            ? { key: c.depKey[d]!, holders: hs, nbytes: c.depNbytes[d]!, arg: c.depArg[d]!, index: c.depIndex[d]! }
+            : { key: c.depKey[d]!, holders: hs, nbytes: c.depNbytes[d]!, arg: c.depArg[d]!, index: c.depIndex[d]!, path };
+      }
+      call.deps = deps;
+    } else if (k < 0) bad(`ndeps[${i}]`, 'a count >= 0');
     out[i] = call;
+  }
+  if (d !== nd) bad('ndeps', 'counts that add up to the length of "depKey"');
+  if (h !== c.holders.length) bad('nholders', 'counts that add up to the length of "holders"');
+  for (const x of c.extra) {
+    if (typeof x !== 'object' || x === null || !Number.isInteger(x.i) || x.i < 0 || x.i >= n) bad('extra[].i', `a call index below ${n}`);
+    const call = out[x.i] as { -readonly [K in keyof WireCall]: WireCall[K] };
+    if (x.loopResult !== undefined) call.loopResult = x.loopResult;
+    if (x.ret !== undefined) call.ret = x.ret;
+    if (x.resources !== undefined) call.resources = x.resources;
   }
   return out;
 }
