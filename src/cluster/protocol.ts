@@ -230,16 +230,16 @@ export interface RunRecords {
   readonly startMs: number;
   readonly endMs: number;
   readonly parameters: Readonly<Record<string, unknown>>;
-  /** Spec node of each task run. */
-  readonly node: readonly number[];
-  readonly mapIndex: readonly number[];
+  /** Spec node of each task run. The scheduler sends these numeric columns as typed arrays (one copy each on the wire). */
+  readonly node: ArrayLike<number>;
+  readonly mapIndex: ArrayLike<number>;
   /** Index into `STATE_NAMES` order of `TaskStateName` (see `STATE_ORDER`). */
-  readonly state_: readonly number[];
-  readonly attempts: readonly number[];
-  readonly start: readonly number[];
-  readonly end: readonly number[];
+  readonly state_: ArrayLike<number>;
+  readonly attempts: ArrayLike<number>;
+  readonly start: ArrayLike<number>;
+  readonly end: ArrayLike<number>;
   /** Index into `workerNames`, -1 when none. */
-  readonly worker: readonly number[];
+  readonly worker: ArrayLike<number>;
   readonly workerNames: readonly string[];
   /** `[task id, error]` for task runs that carry one. */
   readonly errors: readonly (readonly [number, SerializedError])[];

@@ -46,8 +46,9 @@ export function progressFromCounts(
 /** Counts by state of every task run in the records (the final progress report). */
 export function countsOf(records: RunRecords): Partial<Record<TaskStateName, number>> {
   const counts: Partial<Record<TaskStateName, number>> = {};
-  for (const s of records.state_) {
-    const name = STATE_ORDER[s] ?? 'Pending';
+  const states = records.state_;
+  for (let i = 0; i < states.length; i++) {
+    const name = STATE_ORDER[states[i]!] ?? 'Pending';
     counts[name] = (counts[name] ?? 0) + 1;
   }
   return counts;
@@ -59,8 +60,10 @@ export function checkRecords(records: RunRecords, nodes: number): void {
   const columns = ['mapIndex', 'state_', 'attempts', 'start', 'end', 'worker'] as const;
   for (const c of columns) {
     const col: unknown = records[c];
-    if (!Array.isArray(col) || col.length !== n) {
-      throw new ProtocolError('BAD_MESSAGE', `run records: column "${c}" has ${Array.isArray(col) ? col.length : 'no'} entries for ${n} task runs`, {
+    // Typed arrays from a weft scheduler; plain arrays of numbers are taken too.
+    const len = Array.isArray(col) || (ArrayBuffer.isView(col) && !(col instanceof DataView)) ? (col as ArrayLike<number>).length : -1;
+    if (len !== n) {
+      throw new ProtocolError('BAD_MESSAGE', `run records: column "${c}" has ${len >= 0 ? len : 'no'} entries for ${n} task runs`, {
         field: c,
       });
     }

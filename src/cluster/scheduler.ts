@@ -966,13 +966,13 @@ export function toRecords(r: FlowRunResult): RunRecords {
   if (cols !== undefined) return recordsOf(r, cols);
   const tasks = r.tasks;
   const n = tasks.length;
-  const node = new Array<number>(n);
-  const mapIndex = new Array<number>(n);
-  const state_ = new Array<number>(n);
-  const attempts = new Array<number>(n);
-  const start = new Array<number>(n);
-  const end = new Array<number>(n);
-  const worker = new Array<number>(n);
+  const node = new Int32Array(n);
+  const mapIndex = new Int32Array(n);
+  const state_ = new Uint8Array(n);
+  const attempts = new Int32Array(n);
+  const start = new Float64Array(n);
+  const end = new Float64Array(n);
+  const worker = new Int32Array(n);
   const workerNames: string[] = [];
   const workerIdx = new Map<string, number>();
   const errors: [number, RunRecords['errors'][number][1]][] = [];
@@ -1024,13 +1024,13 @@ export function toRecords(r: FlowRunResult): RunRecords {
 /** `toRecords` from the runner's columns: one record object only for a task run that did not simply succeed. */
 function recordsOf(r: FlowRunResult, cols: TaskColumns): RunRecords {
   const n = cols.size;
-  const node = new Array<number>(n);
-  const mapIndex = new Array<number>(n);
-  const state_ = new Array<number>(n);
-  const attempts = new Array<number>(n);
-  const start = new Array<number>(n);
-  const end = new Array<number>(n);
-  const worker = new Array<number>(n);
+  const node = new Int32Array(n);
+  const mapIndex = new Int32Array(n);
+  const state_ = new Uint8Array(n);
+  const attempts = new Int32Array(n);
+  const start = new Float64Array(n);
+  const end = new Float64Array(n);
+  const worker = new Int32Array(n);
   const workerNames: string[] = [];
   const workerIdx = new Map<string, number>();
   const errors: [number, RunRecords['errors'][number][1]][] = [];
