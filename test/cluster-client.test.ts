@@ -102,6 +102,25 @@ describe('runResultFrom (RunRecords → FlowRunResult)', () => {
   it('refuses records whose columns do not line up', () => {
     expect(() => runResultFrom(spec, { ...records, attempts: [1, 1] }, null)).toThrow(ProtocolError);
     expect(() => runResultFrom(spec, { ...records, attempts: [1, 1] }, null)).toThrow(/column "attempts" has 2 entries for 7 task runs/);
+    expect(() => runResultFrom(spec, { ...records, end: new Float64Array(3) }, null)).toThrow(/column "end" has 3 entries for 7 task runs/);
+    expect(() => runResultFrom(spec, { ...records, worker: 'x' as never }, null)).toThrow(/column "worker" has no entries/);
+  });
+
+  it('reads the columns the scheduler sends as typed arrays', () => {
+    const typed: RunRecords = {
+      ...records,
+      node: Int32Array.from(records.node),
+      mapIndex: Int32Array.from(records.mapIndex),
+      state_: Uint8Array.from(records.state_),
+      attempts: Int32Array.from(records.attempts),
+      start: Float64Array.from(records.start),
+      end: Float64Array.from(records.end),
+      worker: Int32Array.from(records.worker),
+    };
+    const a = runResultFrom(spec, typed, values);
+    const b = runResultFrom(spec, records, values);
+    expect(a.tasks).toEqual(b.tasks);
+    expect(a.result(f.outputs.sq)).toEqual([1, undefined, 9]);
   });
 
   it('progress from counts by state; the final counts from the records', () => {
