@@ -15,6 +15,7 @@ import {
   OPS,
   PROTOCOL_VERSION,
   ProtocolError,
+  TYPED_COLUMN_MIN,
   checkVersion,
   dispatch,
   directionsOf,
@@ -322,7 +323,8 @@ describe('calls in columns', () => {
   it('refuse columns that do not fit together, naming the column', () => {
     const good = toColumns(calls);
     const cases: [Partial<Record<keyof CallColumns, unknown>>, string][] = [
-      [{ id: [1, 2, 3, 4] }, '"id"'],
+      [{ id: [1, 2, 'x', 4] }, '"id"'],
+      [{ runId: [1, 2, 3] }, '"runId"'],
       [{ taskKey: new Int32Array([0, 0, 7, 0]) }, '"taskKey[2]"'],
       [{ args: [[], [], 5, []] }, '"args[2]"'],
       [{ ndeps: new Int32Array([0, 1, 9, 0]) }, '"ndeps[2]"'],
@@ -369,10 +371,23 @@ describe('outcomes in columns', () => {
     expect(outcomesOf(m as Extract<Message, { op: 'outcomes' }>)).toEqual(many);
   });
 
+  it('travel as typed arrays from TYPED_COLUMN_MIN outcomes on, as plain arrays below (a typed array costs about a µs to unpack)', () => {
+    const mk = (n: number): WireOutcome[] => Array.from({ length: n }, (_, i) => ({ id: i, runId: i, status: 'ok', startMs: 1, endMs: 2, nbytes: 1, len: -1 }));
+    const { tx, rx } = pair({ receives: 'w2s' });
+    for (const n of [1, TYPED_COLUMN_MIN - 1, TYPED_COLUMN_MIN]) {
+      const cols = outcomesToColumns(mk(n));
+      expect(cols.startMs instanceof Float64Array).toBe(n >= TYPED_COLUMN_MIN);
+      expect(Array.isArray(cols.status)).toBe(n < TYPED_COLUMN_MIN);
+      const [m] = rx.decode(tx.encode([{ op: 'outcomes', run: 1, outcomes: [], cols }]));
+      expect(outcomesOf(m as Extract<Message, { op: 'outcomes' }>)).toEqual(mk(n));
+    }
+  });
+
   it('refuse columns that do not fit together, naming the column', () => {
     const good = outcomesToColumns(outs);
     const cases: [Partial<Record<keyof OutcomeColumns, unknown>>, string][] = [
-      [{ id: [1, 2] }, '"id"'],
+      [{ id: 'x' }, '"id"'],
+      [{ runId: [1, 2] }, '"runId"'],
       [{ endMs: new Float64Array(2) }, '"endMs"'],
       [{ status: new Uint8Array(outs.length).fill(9) }, '"status[0]"'],
       [{ hasValue: new Uint8Array(outs.length) }, '"values"'],
@@ -758,7 +773,8 @@ describe('GraphEncoder / GraphDecoder', () => {
     const cases: [Partial<Record<keyof NodeColumns, unknown>>, string][] = [
       [{ key: 'ab' }, '"key"'],
       [{ kind: new Uint8Array([0, 7]) }, '"kind[1]"'],
-      [{ t: [0, 0] }, '"t"'],
+      [{ t: [0, 'x'] }, '"t"'],
+      [{ argNode: new BigInt64Array(1) }, '"argNode"'],
       [{ nargs: new Int32Array([1, 5]) }, '"nargs[1]"'],
       [{ nargs: new Int32Array([0, 1]) }, '"nargs"'],
       [{ argMode: new Uint8Array([0, 9]) }, '"argMode[1]"'],

@@ -286,6 +286,38 @@ export interface CompactNode {
   readonly inlineOp?: InlineOp;
 }
 
+/**
+ * Numeric columns (nodes, calls, outcomes, run records) of at least this many entries
+ * travel as typed arrays, shorter ones as plain arrays. msgpackr packs a typed array as
+ * one copy, but unpacks it into an ArrayBuffer of its own: about 1.3 µs per column
+ * whatever its length, against ~30 ns per number in a plain array. Small batches (a
+ * one-task run, a chain's few ahead calls) stay cheap; big ones get the copies.
+ */
+export const TYPED_COLUMN_MIN = 64;
+
+type NumberColumnType = { from(a: ArrayLike<number>): ArrayLike<number>; readonly name: string };
+
+/** `a` as it travels: a typed array of kind `T` when long, else itself (`a` must not change after). */
+export function numberColumn(a: number[], T: NumberColumnType): ArrayLike<number> {
+  return a.length >= TYPED_COLUMN_MIN ? T.from(a) : a;
+}
+
+/** A column of `n` numbers: a typed array (not of bigints) or a plain array of numbers. */
+function isNumberColumn(v: unknown, n: number): v is ArrayLike<number> {
+  if (ArrayBuffer.isView(v)) {
+    return !(v instanceof DataView) && !(v instanceof BigInt64Array) && !(v instanceof BigUint64Array) && (v as unknown as ArrayLike<number>).length === n;
+  }
+  if (!Array.isArray(v) || v.length !== n) return false;
+  for (let i = 0; i < n; i++) if (typeof v[i] !== 'number') return false;
+  return true;
+}
+
+/** The length of a number column (typed or plain array), or -1 for anything else. */
+export function numberColumnLength(v: unknown): number {
+  if (ArrayBuffer.isView(v)) return v instanceof DataView || v instanceof BigInt64Array || v instanceof BigUint64Array ? -1 : (v as unknown as ArrayLike<number>).length;
+  return Array.isArray(v) && isNumberColumn(v, v.length) ? v.length : -1;
+}
+
 /** Binding modes and node kinds by their number in `NodeColumns` (kinds: `NODE_KINDS` order). */
 const BIND_MODES: readonly BindMode[] = ['plain', 'mapped', 'unmapped', 'flatten'];
 const NODE_KIND_NUMBER: Readonly<Record<NodeKind, number>> = { task: 0, parameter: 1, inline: 2 };
@@ -293,29 +325,30 @@ const BIND_MODE_NUMBER: Readonly<Record<BindMode, number>> = { plain: 0, mapped:
 
 /**
  * A chunk of compact nodes in columns (`graphNodes.cols`, what `GraphEncoder` sends).
- * Numbers travel as typed arrays and each node's arguments and upstream ids as slices
- * of flat arrays, so a chunk of thousands of nodes packs as a few copies and one list
- * of keys instead of a record, an argument list and an upstream list per node.
+ * Numbers travel as number columns (typed arrays when long: see `TYPED_COLUMN_MIN`) and
+ * each node's arguments and upstream ids as slices of flat columns, so a chunk of
+ * thousands of nodes packs as a few copies and one list of keys instead of a record, an
+ * argument list and an upstream list per node.
  */
 export interface NodeColumns {
   readonly key: readonly string[];
   /** Index into task, parameter, inline. */
-  readonly kind: Uint8Array;
+  readonly kind: ArrayLike<number>;
   /** Task key and module URL (string table indexes, -1 for none) and options (options table index). */
-  readonly t: Int32Array;
-  readonly m: Int32Array;
-  readonly o: Int32Array;
-  readonly mapped: Uint8Array;
+  readonly t: ArrayLike<number>;
+  readonly m: ArrayLike<number>;
+  readonly o: ArrayLike<number>;
+  readonly mapped: ArrayLike<number>;
   /** Arguments per node; their bindings follow one another in node order. */
-  readonly nargs: Int32Array;
+  readonly nargs: ArrayLike<number>;
   /** Per binding: the upstream node of a ref, -1 for a constant (its value is next in `consts`). */
-  readonly argNode: Float64Array;
+  readonly argNode: ArrayLike<number>;
   /** Per binding: index into plain, mapped, unmapped, flatten. */
-  readonly argMode: Uint8Array;
+  readonly argMode: ArrayLike<number>;
   readonly consts: readonly unknown[];
   /** Upstream ids per node, and all of them in node order. */
-  readonly nup: Int32Array;
-  readonly up: Float64Array;
+  readonly nup: ArrayLike<number>;
+  readonly up: ArrayLike<number>;
   /** The rarer fields, by node index in the chunk. */
   readonly extra: readonly NodeExtra[];
 }
@@ -336,19 +369,11 @@ export function compactFromColumns(c: NodeColumns): CompactNode[] {
   if (typeof c !== 'object' || c === null) bad('cols', 'an object');
   if (!Array.isArray(c.key)) bad('key', 'an array');
   const n = c.key.length;
-  const typed: readonly [keyof NodeColumns, new (n: number) => ArrayLike<number>][] = [
-    ['kind', Uint8Array],
-    ['t', Int32Array],
-    ['m', Int32Array],
-    ['o', Int32Array],
-    ['mapped', Uint8Array],
-    ['nargs', Int32Array],
-    ['nup', Int32Array],
-  ];
-  for (const [f, T] of typed) if (!(c[f] instanceof T) || (c[f] as ArrayLike<number>).length !== n) bad(f, `a ${T.name} of ${n} (as long as "key")`);
-  if (!(c.argNode instanceof Float64Array)) bad('argNode', 'a Float64Array');
-  if (!(c.argMode instanceof Uint8Array) || c.argMode.length !== c.argNode.length) bad('argMode', `a Uint8Array of ${c.argNode.length} (as long as "argNode")`);
-  if (!(c.up instanceof Float64Array)) bad('up', 'a Float64Array');
+  for (const f of ['kind', 't', 'm', 'o', 'mapped', 'nargs', 'nup'] as const) if (!isNumberColumn(c[f], n)) bad(f, `${n} numbers (as many as "key")`);
+  const nb = numberColumnLength(c.argNode);
+  if (nb < 0) bad('argNode', 'numbers');
+  if (!isNumberColumn(c.argMode, nb)) bad('argMode', `${nb} numbers (as many as "argNode")`);
+  if (numberColumnLength(c.up) < 0) bad('up', 'numbers');
   if (!Array.isArray(c.consts)) bad('consts', 'an array');
   if (!Array.isArray(c.extra)) bad('extra', 'an array');
   const out = new Array<CompactNode>(n);
@@ -548,31 +573,31 @@ export interface WireCall extends TaskCall {
 }
 
 /**
- * A batch of calls in columns: each task key once, the numbers as typed arrays (msgpack
- * binary extensions: one copy each), and the inputs of every call as slices of flat
- * columns, so a batch of thousands encodes as a few arrays and copies instead of a
+ * A batch of calls in columns: each task key once, the numbers as number columns
+ * (typed arrays when long: see `TYPED_COLUMN_MIN`), and the inputs of every call as
+ * slices of flat columns, so a batch of thousands encodes as a few arrays and copies instead of a
  * record per call and per input.
  */
 export interface CallColumns {
   readonly taskKeys: readonly string[];
-  readonly id: Float64Array;
-  readonly runId: Float64Array;
+  readonly id: ArrayLike<number>;
+  readonly runId: ArrayLike<number>;
   /** Index into `taskKeys`. */
-  readonly taskKey: Int32Array;
+  readonly taskKey: ArrayLike<number>;
   readonly key: readonly string[];
   readonly args: readonly (readonly unknown[])[];
-  readonly timeoutMs: Float64Array;
-  readonly mapIndex: Float64Array;
-  readonly attempt: Float64Array;
-  readonly loopCount: Float64Array;
+  readonly timeoutMs: ArrayLike<number>;
+  readonly mapIndex: ArrayLike<number>;
+  readonly attempt: ArrayLike<number>;
+  readonly loopCount: ArrayLike<number>;
   /** Inputs (`WireCall.deps`) per call; their fields follow, call after call. */
-  readonly ndeps: Int32Array;
+  readonly ndeps: ArrayLike<number>;
   readonly depKey: readonly string[];
-  readonly depNbytes: Float64Array;
-  readonly depArg: Int32Array;
-  readonly depIndex: Int32Array;
+  readonly depNbytes: ArrayLike<number>;
+  readonly depArg: ArrayLike<number>;
+  readonly depIndex: ArrayLike<number>;
   /** Holders per input, and all of them in input order. */
-  readonly nholders: Int32Array;
+  readonly nholders: ArrayLike<number>;
   readonly holders: readonly string[];
   /** Element paths, for the inputs that have one (by input index). */
   readonly depPaths: readonly { readonly d: number; readonly path: readonly number[] }[];
@@ -594,16 +619,16 @@ export function toColumns(calls: readonly WireCall[]): CallColumns {
   const n = calls.length;
   const taskKeys: string[] = [];
   const keyIndex = new Map<string, number>();
-  const id = new Float64Array(n);
-  const runId = new Float64Array(n);
-  const taskKey = new Int32Array(n);
+  const id = new Array<number>(n);
+  const runId = new Array<number>(n);
+  const taskKey = new Array<number>(n);
   const key = new Array<string>(n);
   const args = new Array<readonly unknown[]>(n);
-  const timeoutMs = new Float64Array(n);
-  const mapIndex = new Float64Array(n);
-  const attempt = new Float64Array(n);
-  const loopCount = new Float64Array(n);
-  const ndeps = new Int32Array(n);
+  const timeoutMs = new Array<number>(n);
+  const mapIndex = new Array<number>(n);
+  const attempt = new Array<number>(n);
+  const loopCount = new Array<number>(n);
+  const ndeps = new Array<number>(n);
   const depKey: string[] = [];
   const depNbytes: number[] = [];
   const depArg: number[] = [];
@@ -637,8 +662,8 @@ export function toColumns(calls: readonly WireCall[]): CallColumns {
     attempt[i] = c.attempt;
     loopCount[i] = c.loopCount;
     const deps = c.deps;
+    ndeps[i] = deps === undefined ? 0 : deps.length;
     if (deps !== undefined) {
-      ndeps[i] = deps.length;
       for (let j = 0; j < deps.length; j++) {
         const d = deps[j]!;
         if (d.path !== undefined) depPaths.push({ d: depKey.length, path: d.path });
@@ -661,21 +686,21 @@ export function toColumns(calls: readonly WireCall[]): CallColumns {
   }
   return {
     taskKeys,
-    id,
-    runId,
-    taskKey,
+    id: numberColumn(id, Float64Array),
+    runId: numberColumn(runId, Float64Array),
+    taskKey: numberColumn(taskKey, Int32Array),
     key,
     args,
-    timeoutMs,
-    mapIndex,
-    attempt,
-    loopCount,
-    ndeps,
+    timeoutMs: numberColumn(timeoutMs, Float64Array),
+    mapIndex: numberColumn(mapIndex, Float64Array),
+    attempt: numberColumn(attempt, Float64Array),
+    loopCount: numberColumn(loopCount, Float64Array),
+    ndeps: numberColumn(ndeps, Int32Array),
     depKey,
-    depNbytes: Float64Array.from(depNbytes),
-    depArg: Int32Array.from(depArg),
-    depIndex: Int32Array.from(depIndex),
-    nholders: Int32Array.from(nholders),
+    depNbytes: numberColumn(depNbytes, Float64Array),
+    depArg: numberColumn(depArg, Int32Array),
+    depIndex: numberColumn(depIndex, Int32Array),
+    nholders: numberColumn(nholders, Int32Array),
     holders,
     depPaths,
     extra,
@@ -692,26 +717,12 @@ export function fromColumns(c: CallColumns): WireCall[] {
   if (typeof c !== 'object' || c === null) bad('cols', 'an object');
   for (const f of ['taskKeys', 'key', 'args', 'depKey', 'holders', 'depPaths', 'extra'] as const) if (!Array.isArray(c[f])) bad(f, 'an array');
   const n = c.key.length;
-  const perCall: readonly [keyof CallColumns, new (n: number) => ArrayLike<number>][] = [
-    ['id', Float64Array],
-    ['runId', Float64Array],
-    ['taskKey', Int32Array],
-    ['timeoutMs', Float64Array],
-    ['mapIndex', Float64Array],
-    ['attempt', Float64Array],
-    ['loopCount', Float64Array],
-    ['ndeps', Int32Array],
-  ];
-  for (const [f, T] of perCall) if (!(c[f] instanceof T) || (c[f] as ArrayLike<number>).length !== n) bad(f, `a ${T.name} of ${n} (as long as "key")`);
+  for (const f of ['id', 'runId', 'taskKey', 'timeoutMs', 'mapIndex', 'attempt', 'loopCount', 'ndeps'] as const) {
+    if (!isNumberColumn(c[f], n)) bad(f, `${n} numbers (as many as "key")`);
+  }
   if (c.args.length !== n) bad('args', `an array of ${n} (as long as "key")`);
   const nd = c.depKey.length;
-  const perDep: readonly [keyof CallColumns, new (n: number) => ArrayLike<number>][] = [
-    ['depNbytes', Float64Array],
-    ['depArg', Int32Array],
-    ['depIndex', Int32Array],
-    ['nholders', Int32Array],
-  ];
-  for (const [f, T] of perDep) if (!(c[f] instanceof T) || (c[f] as ArrayLike<number>).length !== nd) bad(f, `a ${T.name} of ${nd} (as long as "depKey")`);
+  for (const f of ['depNbytes', 'depArg', 'depIndex', 'nholders'] as const) if (!isNumberColumn(c[f], nd)) bad(f, `${nd} numbers (as many as "depKey")`);
   let paths: Map<number, readonly number[]> | null = null;
   for (const p of c.depPaths) {
     if (typeof p !== 'object' || p === null || !Number.isInteger(p.d) || p.d < 0 || p.d >= nd) bad('depPaths[].d', `an input index below ${nd}`);
@@ -822,22 +833,22 @@ const OUTCOME_STATUSES: readonly OutcomeStatus[] = ['ok', 'error', 'timeout', 'l
 const STATUS_NUMBER: Readonly<Record<OutcomeStatus, number>> = { ok: 0, error: 1, timeout: 2, lost: 3, cancelled: 4 };
 
 /**
- * A batch of outcomes in columns. The numbers travel as typed arrays (msgpack binary
- * extensions: one copy each, no per-number encoding), and what only some outcomes carry
+ * A batch of outcomes in columns. The numbers travel as number columns (typed arrays
+ * when long, one copy each: see `TYPED_COLUMN_MIN`), and what only some outcomes carry
  * travels in short lists: packing a batch of thousands costs a few array copies instead
  * of thousands of records.
  */
 export interface OutcomeColumns {
-  readonly id: Float64Array;
-  readonly runId: Float64Array;
+  readonly id: ArrayLike<number>;
+  readonly runId: ArrayLike<number>;
   /** Index into the statuses ok, error, timeout, lost, cancelled. */
-  readonly status: Uint8Array;
-  readonly startMs: Float64Array;
-  readonly endMs: Float64Array;
-  readonly nbytes: Float64Array;
-  readonly len: Float64Array;
+  readonly status: ArrayLike<number>;
+  readonly startMs: ArrayLike<number>;
+  readonly endMs: ArrayLike<number>;
+  readonly nbytes: ArrayLike<number>;
+  readonly len: ArrayLike<number>;
   /** 1 where the outcome carries an inline value: those values, in order, are `values`. */
-  readonly hasValue: Uint8Array;
+  readonly hasValue: ArrayLike<number>;
   readonly values: readonly unknown[];
   /** The rarer fields, by outcome index. */
   readonly extra: readonly OutcomeExtra[];
@@ -905,14 +916,14 @@ export class OutcomeColumnsBuilder {
   /** The columns of what was added. */
   build(): OutcomeColumns {
     return {
-      id: Float64Array.from(this.id),
-      runId: Float64Array.from(this.runId),
-      status: Uint8Array.from(this.status),
-      startMs: Float64Array.from(this.startMs),
-      endMs: Float64Array.from(this.endMs),
-      nbytes: Float64Array.from(this.nbytes),
-      len: Float64Array.from(this.len),
-      hasValue: Uint8Array.from(this.hasValue),
+      id: numberColumn(this.id, Float64Array),
+      runId: numberColumn(this.runId, Float64Array),
+      status: numberColumn(this.status, Uint8Array),
+      startMs: numberColumn(this.startMs, Float64Array),
+      endMs: numberColumn(this.endMs, Float64Array),
+      nbytes: numberColumn(this.nbytes, Float64Array),
+      len: numberColumn(this.len, Float64Array),
+      hasValue: numberColumn(this.hasValue, Uint8Array),
       values: this.values,
       extra: this.extra,
     };
@@ -936,12 +947,10 @@ type MutableOutcome = { -readonly [K in keyof WireOutcome]: WireOutcome[K] };
 export function outcomesFromColumns(c: OutcomeColumns): WireOutcome[] {
   const bad = badOutcomeColumn;
   if (typeof c !== 'object' || c === null) bad('cols', 'an object');
-  const n = c.id instanceof Float64Array ? c.id.length : bad('id', 'a Float64Array');
-  for (const f of ['runId', 'startMs', 'endMs', 'nbytes', 'len'] as const) {
-    if (!(c[f] instanceof Float64Array) || c[f].length !== n) bad(f, `a Float64Array of ${n} (as long as "id")`);
-  }
-  for (const f of ['status', 'hasValue'] as const) {
-    if (!(c[f] instanceof Uint8Array) || c[f].length !== n) bad(f, `a Uint8Array of ${n} (as long as "id")`);
+  const n = numberColumnLength(c.id);
+  if (n < 0) bad('id', 'numbers');
+  for (const f of ['runId', 'startMs', 'endMs', 'nbytes', 'len', 'status', 'hasValue'] as const) {
+    if (!isNumberColumn(c[f], n)) bad(f, `${n} numbers (as many as "id")`);
   }
   if (!Array.isArray(c.values)) bad('values', 'an array');
   if (!Array.isArray(c.extra)) bad('extra', 'an array');
@@ -1756,13 +1765,13 @@ export class GraphEncoder {
       return i;
     };
     const key = new Array<string>(n);
-    const kind = new Uint8Array(n);
-    const t = new Int32Array(n);
-    const m = new Int32Array(n);
-    const o = new Int32Array(n);
-    const mapped = new Uint8Array(n);
-    const nargs = new Int32Array(n);
-    const nup = new Int32Array(n);
+    const kind = new Array<number>(n);
+    const t = new Array<number>(n);
+    const m = new Array<number>(n);
+    const o = new Array<number>(n);
+    const mapped = new Array<number>(n);
+    const nargs = new Array<number>(n);
+    const nup = new Array<number>(n);
     const argNode: number[] = [];
     const argMode: number[] = [];
     const consts: unknown[] = [];
@@ -1809,17 +1818,17 @@ export class GraphEncoder {
     }
     const cols: NodeColumns = {
       key,
-      kind,
-      t,
-      m,
-      o,
-      mapped,
-      nargs,
-      argNode: Float64Array.from(argNode),
-      argMode: Uint8Array.from(argMode),
+      kind: numberColumn(kind, Uint8Array),
+      t: numberColumn(t, Int32Array),
+      m: numberColumn(m, Int32Array),
+      o: numberColumn(o, Int32Array),
+      mapped: numberColumn(mapped, Uint8Array),
+      nargs: numberColumn(nargs, Int32Array),
+      argNode: numberColumn(argNode, Float64Array),
+      argMode: numberColumn(argMode, Uint8Array),
       consts,
-      nup,
-      up: Float64Array.from(up),
+      nup: numberColumn(nup, Int32Array),
+      up: numberColumn(up, Float64Array),
       extra,
     };
     return {

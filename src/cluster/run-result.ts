@@ -13,7 +13,7 @@ import type { SerializedError } from '../errors.ts';
 import type { GraphSpec, TaskStateName } from '../flow/spec.ts';
 import type { FlowRunResult, NodeRef, RunProgress, TaskRunRecord } from '../runner/types.ts';
 import { FINISHED_STATE_NAMES as FINISHED } from '../scheduler/states.ts';
-import { ProtocolError, STATE_ORDER, type RunRecords } from './protocol.ts';
+import { numberColumnLength, ProtocolError, STATE_ORDER, type RunRecords } from './protocol.ts';
 
 /** What a finished run counts as failed in progress reports. */
 const FAILED: ReadonlySet<TaskStateName> = new Set<TaskStateName>(['Failed', 'TimedOut', 'TriggerFailed']);
@@ -60,8 +60,8 @@ export function checkRecords(records: RunRecords, nodes: number): void {
   const columns = ['mapIndex', 'state_', 'attempts', 'start', 'end', 'worker'] as const;
   for (const c of columns) {
     const col: unknown = records[c];
-    // Typed arrays from a weft scheduler; plain arrays of numbers are taken too.
-    const len = Array.isArray(col) || (ArrayBuffer.isView(col) && !(col instanceof DataView)) ? (col as ArrayLike<number>).length : -1;
+    // Typed arrays or plain arrays of numbers (see `numberColumn`).
+    const len = numberColumnLength(col);
     if (len !== n) {
       throw new ProtocolError('BAD_MESSAGE', `run records: column "${c}" has ${len >= 0 ? len : 'no'} entries for ${n} task runs`, {
         field: c,

@@ -28,6 +28,7 @@ import {
   DEFAULT_MAX_FRAME_BYTES,
   dispatch,
   GraphDecoder,
+  numberColumn,
   outcomesOf,
   ProtocolError,
   STATE_ORDER,
@@ -966,13 +967,13 @@ export function toRecords(r: FlowRunResult): RunRecords {
   if (cols !== undefined) return recordsOf(r, cols);
   const tasks = r.tasks;
   const n = tasks.length;
-  const node = new Int32Array(n);
-  const mapIndex = new Int32Array(n);
-  const state_ = new Uint8Array(n);
-  const attempts = new Int32Array(n);
-  const start = new Float64Array(n);
-  const end = new Float64Array(n);
-  const worker = new Int32Array(n);
+  const node = new Array<number>(n);
+  const mapIndex = new Array<number>(n);
+  const state_ = new Array<number>(n);
+  const attempts = new Array<number>(n);
+  const start = new Array<number>(n);
+  const end = new Array<number>(n);
+  const worker = new Array<number>(n);
   const workerNames: string[] = [];
   const workerIdx = new Map<string, number>();
   const errors: [number, RunRecords['errors'][number][1]][] = [];
@@ -1008,13 +1009,13 @@ export function toRecords(r: FlowRunResult): RunRecords {
     startMs: r.startMs,
     endMs: r.endMs,
     parameters: r.parameters,
-    node,
-    mapIndex,
-    state_,
-    attempts,
-    start,
-    end,
-    worker,
+    node: numberColumn(node, Int32Array),
+    mapIndex: numberColumn(mapIndex, Int32Array),
+    state_: numberColumn(state_, Uint8Array),
+    attempts: numberColumn(attempts, Int32Array),
+    start: numberColumn(start, Float64Array),
+    end: numberColumn(end, Float64Array),
+    worker: numberColumn(worker, Int32Array),
     workerNames,
     errors,
     stories,
@@ -1024,13 +1025,13 @@ export function toRecords(r: FlowRunResult): RunRecords {
 /** `toRecords` from the runner's columns: one record object only for a task run that did not simply succeed. */
 function recordsOf(r: FlowRunResult, cols: TaskColumns): RunRecords {
   const n = cols.size;
-  const node = new Int32Array(n);
-  const mapIndex = new Int32Array(n);
-  const state_ = new Uint8Array(n);
-  const attempts = new Int32Array(n);
-  const start = new Float64Array(n);
-  const end = new Float64Array(n);
-  const worker = new Int32Array(n);
+  const node = new Array<number>(n);
+  const mapIndex = new Array<number>(n);
+  const state_ = new Array<number>(n);
+  const attempts = new Array<number>(n);
+  const start = new Array<number>(n);
+  const end = new Array<number>(n);
+  const worker = new Array<number>(n);
   const workerNames: string[] = [];
   const workerIdx = new Map<string, number>();
   const errors: [number, RunRecords['errors'][number][1]][] = [];
@@ -1073,13 +1074,13 @@ function recordsOf(r: FlowRunResult, cols: TaskColumns): RunRecords {
     startMs: r.startMs,
     endMs: r.endMs,
     parameters: r.parameters,
-    node,
-    mapIndex,
-    state_,
-    attempts,
-    start,
-    end,
-    worker,
+    node: numberColumn(node, Int32Array),
+    mapIndex: numberColumn(mapIndex, Int32Array),
+    state_: numberColumn(state_, Uint8Array),
+    attempts: numberColumn(attempts, Int32Array),
+    start: numberColumn(start, Float64Array),
+    end: numberColumn(end, Float64Array),
+    worker: numberColumn(worker, Int32Array),
     workerNames,
     errors,
     stories,
