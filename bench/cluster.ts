@@ -70,6 +70,8 @@ const WS_ROUNDTRIP_MAX_N = 5_000;
  */
 export const CLUSTER_TARGETS = Object.freeze({
   usPerTask: Object.freeze({ independent: 5, tree: 10, chain: 20, mapreduce: 10 } as Readonly<Record<string, number>>),
+  /** The sizes the targets are stated for (100k independent tasks, a 10k chain...): smaller runs get no verdict. */
+  minN: Object.freeze({ independent: 100_000, tree: 16_384, chain: 10_000, mapreduce: 10_000 } as Readonly<Record<string, number>>),
   latencyMedianUs: 300,
   assignmentsPerS: 200_000,
 });

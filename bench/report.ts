@@ -119,6 +119,8 @@ export function replayTable(results: readonly ReplayResult[]): string {
 /** Targets as the cluster tables print them (kept here so this module loads without the cluster). */
 export interface ClusterTargets {
   readonly usPerTask: Readonly<Record<string, number>>;
+  /** The size a shape's target is stated for: a smaller run of it gets no verdict. */
+  readonly minN?: Readonly<Record<string, number>>;
   readonly latencyMedianUs: number;
   readonly assignmentsPerS: number;
 }
@@ -136,7 +138,7 @@ export function clusterTable(results: readonly (ShapeResult & ClusterShapeExtras
   return table(
     ['shape', 'n', 'tasks', 'executor', 'workers', 'µs/task', 'net µs/task', 'ratio vs ws', 'relayed B/run', 'target µs/task', 'met'],
     results.map((r) => {
-      const target = targets.usPerTask[r.shape];
+      const target = r.n >= (targets.minN?.[r.shape] ?? 0) ? targets.usPerTask[r.shape] : undefined;
       // A fresh cluster is judged on its net µs/task (noise can make it ≤ 0 on small runs: no verdict then).
       const net = r.net_us_per_task;
       const judged = r.executor === 'cluster' ? (net !== undefined && net > 0 ? net : undefined) : r.us_per_task;

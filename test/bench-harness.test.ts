@@ -2,9 +2,10 @@ import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { benchReplay, benchShape, taskSpanS, withRatios, withStartup, type HarnessDeps } from '../bench/harness.ts';
+import { benchReplay, benchShape, taskSpanS, withRatios, withStartup, type HarnessDeps, type ShapeResult } from '../bench/harness.ts';
 import { defaultWorkflowDir } from '../bench/replay.ts';
-import { replayJson } from '../bench/report.ts';
+import { clusterTable, replayJson } from '../bench/report.ts';
+import { CLUSTER_TARGETS } from '../bench/cluster.ts';
 import { mapreduce, tree } from '../bench/shapes.ts';
 import { fmt, median, parseCount, table, timeRuns, usPer } from '../bench/stats.ts';
 import { benchCommand, type BenchIO } from '../src/cli/bench.ts';
@@ -123,6 +124,19 @@ function io(cwd: string): BenchIO & { out: ReturnType<typeof sink>; err: ReturnT
     createExecutor: async (name, s) => fakeExecutor(name, name === 'local' ? 1 : s.workers),
   };
 }
+
+describe('cluster table', () => {
+  it('judges a shape against its target only at the size the target is stated for', () => {
+    const row = (shape: string, n: number, us: number): ShapeResult => ({
+      shape, n, executor: 'cluster-warm', workers: 2, median_s: (us * n) / 1e6, us_per_task: us, tasks_per_s: 1e6 / us, tasks: n, runs: 5, samples_s: [], run_median_s: 0,
+    });
+    const lines = clusterTable([row('independent', 10_000, 9), row('independent', 100_000, 4), row('chain', 10_000, 25)], CLUSTER_TARGETS).split('\n');
+    const verdict = (shape: string, n: number): string[] => lines.find((l) => l.startsWith(shape) && l.split(/\s+/)[1] === String(n))!.trim().split(/\s+/).slice(-2);
+    expect(verdict('independent', 10_000)).toEqual(['-', '-']);
+    expect(verdict('independent', 100_000)).toEqual(['5.00', 'yes']);
+    expect(verdict('chain', 10_000)).toEqual(['20.0', 'NO']);
+  });
+});
 
 describe('weft bench (CLI)', () => {
   it('writes the documented JSON schema, with baselines and ratios', async () => {
