@@ -961,65 +961,11 @@ function valueNeeds(spec: GraphSpec): (key: string) => boolean {
   return (key) => keys.has(key);
 }
 
-/** A finished run's records in columns. */
+/** A finished run's records in columns (of a result from `runFlow`, which keeps its task runs in columns). */
 export function toRecords(r: FlowRunResult): RunRecords {
   const cols = r.taskColumns?.();
-  if (cols !== undefined) return recordsOf(r, cols);
-  const tasks = r.tasks;
-  const n = tasks.length;
-  const node = new Array<number>(n);
-  const mapIndex = new Array<number>(n);
-  const state_ = new Array<number>(n);
-  const attempts = new Array<number>(n);
-  const start = new Array<number>(n);
-  const end = new Array<number>(n);
-  const worker = new Array<number>(n);
-  const workerNames: string[] = [];
-  const workerIdx = new Map<string, number>();
-  const errors: [number, RunRecords['errors'][number][1]][] = [];
-  const stories: [number, readonly string[]][] = [];
-  const stateIdx = new Map(STATE_ORDER.map((s, i) => [s, i]));
-  for (let i = 0; i < n; i++) {
-    const t = tasks[i]!;
-    node[i] = t.node;
-    mapIndex[i] = t.mapIndex;
-    state_[i] = stateIdx.get(t.state) ?? 0;
-    attempts[i] = t.attempts;
-    start[i] = t.startMs;
-    end[i] = t.endMs;
-    if (t.worker === undefined) worker[i] = -1;
-    else {
-      let w = workerIdx.get(t.worker);
-      if (w === undefined) {
-        w = workerNames.length;
-        workerNames.push(t.worker);
-        workerIdx.set(t.worker, w);
-      }
-      worker[i] = w;
-    }
-    if (t.error !== undefined) errors.push([i, t.error]);
-    if (t.state !== 'Success' && t.state !== 'Cached' && t.state !== 'Mapped' && stories.length < 1000) {
-      stories.push([i, r.story(t.node, t.mapIndex)]);
-    }
-  }
-  return {
-    runId: r.runId,
-    state: r.state,
-    message: r.message,
-    startMs: r.startMs,
-    endMs: r.endMs,
-    parameters: r.parameters,
-    node: numberColumn(node, Int32Array),
-    mapIndex: numberColumn(mapIndex, Int32Array),
-    state_: numberColumn(state_, Uint8Array),
-    attempts: numberColumn(attempts, Int32Array),
-    start: numberColumn(start, Float64Array),
-    end: numberColumn(end, Float64Array),
-    worker: numberColumn(worker, Int32Array),
-    workerNames,
-    errors,
-    stories,
-  };
+  if (cols === undefined) throw new Error(`run ${r.runId}: its result has no task columns (not a result of runFlow)`);
+  return recordsOf(r, cols);
 }
 
 /** `toRecords` from the runner's columns: one record object only for a task run that did not simply succeed. */
