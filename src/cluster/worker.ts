@@ -1119,8 +1119,11 @@ class WorkerCore {
     if (inline !== null) for (const ex of inline) ex.runNow();
   }
 
-  /** The executor's view of a call: no deps, and in inline mode the capturing wrapper's key. */
-  /** The executor's view of a call (no deps); inline, with the worker's record of it for console capture. */
+  /**
+   * The executor's view of a call (no deps); inline, with the worker's record of it for
+   * console capture. Two literals, not a spread: this runs once per call, and a pool's
+   * calls must not carry the record (they are cloned to its threads).
+   */
   private taskCall(wc: WorkCall): TaskCall {
     const c = wc.call;
     if (this.captures) {
